@@ -1,0 +1,1 @@
+"""The distributed runtime: discovery, request plane, event plane, status, shutdown."""

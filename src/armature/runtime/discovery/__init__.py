@@ -1,0 +1,1 @@
+"""Discovery backends behind one ``KeyValueStore`` interface (mem, file, etcd)."""

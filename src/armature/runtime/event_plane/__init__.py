@@ -1,0 +1,1 @@
+"""Event planes: topic publish/subscribe between processes (zmq, nats)."""

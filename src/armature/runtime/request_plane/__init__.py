@@ -1,0 +1,1 @@
+"""Request planes: streaming request/response between processes (tcp, nats)."""
