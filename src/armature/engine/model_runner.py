@@ -1,0 +1,152 @@
+"""Loads a model and runs one forward step of a scheduled batch over the paged KV pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from armature.engine.attention import AttentionBackend, TorchAttentionBackend
+from armature.engine.config import ModelConfig
+from armature.engine.forward_batch import ForwardBatch, ForwardMode
+from armature.engine.kv_pool import KVPool, KVShape, pages_for_budget
+from armature.engine.loader import load_weights, resolve_model_path
+from armature.engine.models import MODEL_CLASSES
+from armature.engine.models.rotary import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+# CPU: the KV pool shares RAM with everything else on the machine, so take a modest share of what
+# is free and never more than a few GiB unless asked for explicitly with max_total_tokens.
+_CPU_MEM_FRACTION = 0.2
+_CPU_KV_CAP_BYTES = 4 << 30
+_CUDA_MEM_FRACTION = 0.85
+
+
+def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: str | None,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        page_size: int = 16,
+        max_total_tokens: int | None = None,
+        mem_fraction_static: float | None = None,
+        max_context_length: int | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+        self.dtype = parse_dtype(dtype, self.device)
+        self.model_path = resolve_model_path(model_path)
+        self.model_config = ModelConfig.from_folder(self.model_path)
+        cfg = self.model_config
+        self.context_length = cfg.max_position_embeddings
+        if max_context_length is not None:
+            if max_context_length <= 0:
+                raise ValueError(f"max_context_length must be positive, got {max_context_length}")
+            self.context_length = min(max_context_length, cfg.max_position_embeddings)
+        self.page_size = page_size
+
+        weights = load_weights(self.model_path, cfg, self.dtype, self.device)
+        rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.context_length, self.dtype, self.device
+        )
+        self.model = MODEL_CLASSES[cfg.architecture](cfg, weights, rotary)
+        if weights:
+            log.warning("ignored %d unexpected weights, e.g. %s", len(weights), next(iter(weights)))
+
+        shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.kv_pool = KVPool(shape, self._num_pages(shape, max_total_tokens, mem_fraction_static), page_size)
+        self.attn_backend: AttentionBackend = TorchAttentionBackend(
+            self.kv_pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
+        )
+        log.info(
+            "loaded %s (%s, %d layers) on %s %s in %.1fs; KV pool %d pages x %d tokens",
+            self.model_path,
+            cfg.architecture,
+            cfg.num_layers,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+            self.kv_pool.total_pages,
+            page_size,
+        )
+
+    def _num_pages(self, shape: KVShape, max_total_tokens: int | None, mem_fraction: float | None) -> int:
+        if max_total_tokens is not None:
+            if max_total_tokens <= 0:
+                raise ValueError(f"max_total_tokens must be positive, got {max_total_tokens}")
+            return -(-max_total_tokens // self.page_size)
+        cuda = self.device.type == "cuda"
+        if mem_fraction is None:
+            mem_fraction = _CUDA_MEM_FRACTION if cuda else _CPU_MEM_FRACTION
+        if not 0 < mem_fraction <= 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got {mem_fraction}")
+        budget = int(available_memory_bytes(self.device) * mem_fraction)
+        if not cuda:
+            budget = min(budget, _CPU_KV_CAP_BYTES)
+        pages = pages_for_budget(shape, self.page_size, budget)
+        if pages == 0:
+            raise MemoryError(
+                f"no memory left for the KV cache ({budget} bytes budget); lower the model size or "
+                "pass max_total_tokens"
+            )
+        return pages
+
+    @property
+    def total_pages(self) -> int:
+        return self.kv_pool.total_pages
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits, one row per ``batch.logit_rows()`` entry: ``[rows, vocab]``."""
+        with torch.inference_mode():
+            self.attn_backend.prepare(batch)
+            return self.model.forward(batch.input_ids, batch.positions, self.attn_backend, self._logit_rows(batch))
+
+    def _logit_rows(self, batch: ForwardBatch) -> torch.Tensor | None:
+        if batch.mode is ForwardMode.DECODE and not any(batch.return_all_logits):
+            return None
+        rows = batch.logit_rows()
+        if len(rows) == batch.input_ids.shape[0]:
+            return None
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)

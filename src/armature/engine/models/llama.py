@@ -1,0 +1,112 @@
+"""The Llama family (Llama, Mistral, SmolLM, Qwen2 with q/k/v bias, Qwen3 with q/k norm).
+
+Plain tensors, no nn.Module tree: weights are fused at load time (q|k|v into one matrix, gate|up
+into another) so each layer runs four matmuls, and the lm_head runs only on the rows whose
+logits the caller wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from armature.engine.attention.base import AttentionBackend
+from armature.engine.config import ModelConfig
+from armature.engine.models.rotary import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], rotary: RotaryEmbedding) -> None:
+        self.config = config
+        self.rotary = rotary
+        self.eps = config.rms_norm_eps
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.embed = weights.pop("model.embed_tokens.weight")
+        self.norm = weights.pop("model.norm.weight")
+        head = weights.pop("lm_head.weight", None)
+        if config.tie_word_embeddings or head is None:
+            if head is None and not config.tie_word_embeddings:
+                raise ValueError("the checkpoint has no lm_head.weight and does not tie word embeddings")
+            head = self.embed
+        self.lm_head = head
+        self.layers = [self._fuse_layer(weights, i) for i in range(config.num_layers)]
+
+    def _fuse_layer(self, w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+
+        def take(name: str) -> torch.Tensor:
+            try:
+                return w.pop(p + name)
+            except KeyError:
+                raise ValueError(f"missing weight {p + name}") from None
+
+        qkv = torch.cat([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"), take("self_attn.v_proj.weight")])
+        bias = None
+        if self.config.attention_bias:
+            bias = torch.cat([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"), take("self_attn.v_proj.bias")])
+        qn = take("self_attn.q_norm.weight") if self.config.qk_norm else None
+        kn = take("self_attn.k_norm.weight") if self.config.qk_norm else None
+        return LayerWeights(
+            input_norm=take("input_layernorm.weight"),
+            qkv=qkv.contiguous(),
+            qkv_bias=bias,
+            q_norm=qn,
+            k_norm=kn,
+            o_proj=take("self_attn.o_proj.weight"),
+            post_norm=take("post_attention_layernorm.weight"),
+            gate_up=torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]).contiguous(),
+            down=take("mlp.down_proj.weight"),
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Logits (float32) of ``logit_rows`` (all rows when None) of the packed tokens."""
+        cfg = self.config
+        t = input_ids.shape[0]
+        eps = self.eps
+        hidden_dim = (cfg.hidden_size,)
+        head_dim = (cfg.head_dim,)
+        cos, sin = self.rotary.lookup(positions)
+        h = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, hidden_dim, layer.input_norm, eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(t, cfg.num_heads, cfg.head_dim)
+            k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+            v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+            if layer.q_norm is not None:
+                q = F.rms_norm(q, head_dim, layer.q_norm, eps)
+                k = F.rms_norm(k, head_dim, layer.k_norm, eps)
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+            o = attn.forward(q, k, v, i)
+            h = h + F.linear(o, layer.o_proj)
+            x = F.rms_norm(h, hidden_dim, layer.post_norm, eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        if logit_rows is not None:
+            h = h[logit_rows]
+        h = F.rms_norm(h, hidden_dim, self.norm, eps)
+        return F.linear(h, self.lm_head).float()
