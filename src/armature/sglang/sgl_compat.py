@@ -240,6 +240,7 @@ class SglangEngine:
                                  prompt_tokens=len(req.input_ids))
             return
         self._inflight[req.rid] = _Tracked(prompt_tokens=len(req.input_ids))
+        stream: Any = None
         try:
             try:
                 stream = await self._sgl.async_generate(**self._call_kwargs(req))
@@ -259,6 +260,10 @@ class SglangEngine:
         finally:
             self._inflight.pop(req.rid, None)
             self._aborted.discard(req.rid)
+            # Close SGLang's generator now rather than at garbage collection, so its request
+            # state is released when we stop reading (finish, abort or caller gone).
+            if stream is not None and hasattr(stream, "aclose"):
+                await stream.aclose()
 
     def _convert(self, req: GenerateRequest, chunk: dict[str, Any], seen: int, first: bool) -> GenerateOutput:
         meta: dict[str, Any] = chunk.get("meta_info") or {}

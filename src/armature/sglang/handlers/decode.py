@@ -1,0 +1,156 @@
+"""Aggregated / decode handler: ``PreprocessedRequest`` in, ``LLMEngineOutput`` deltas out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from armature.engine.api import (
+    EngineFinishReason,
+    EngineInfo,
+    GenerateOutput,
+    GenerateRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
+from armature.protocols.llm import (
+    CompletionUsage,
+    FinishReason,
+    LLMEngineOutput,
+    PreprocessedRequest,
+    TopLogprob,
+)
+from armature.runtime.context import Context
+from armature.runtime.request_plane.base import EngineShutdown, ErrorKind, RequestPlaneError
+from armature.sglang.handlers.base import BaseWorkerHandler
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    EngineFinishReason.STOP: FinishReason.STOP,
+    EngineFinishReason.LENGTH: FinishReason.LENGTH,
+    EngineFinishReason.ABORT: FinishReason.CANCELLED,
+    EngineFinishReason.ERROR: FinishReason.ERROR,
+}
+
+
+def to_sampling_params(request: PreprocessedRequest, info: EngineInfo) -> SamplingParams:
+    stop = request.stop_conditions
+    opts = request.sampling_options
+    max_new = stop.max_tokens
+    if max_new is None:
+        # No limit asked for: generate up to the context, as an OpenAI server does.
+        max_new = max(info.context_length - len(request.token_ids), 0)
+    eos = set(request.eos_token_ids) | set(info.eos_token_ids)
+    stop_ids = list(dict.fromkeys(stop.stop_token_ids_hidden or []))
+    if stop.ignore_eos:
+        stop_ids = [t for t in stop_ids if t not in eos]
+    else:
+        stop_ids += [t for t in request.eos_token_ids if t not in stop_ids]
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        min_new_tokens=stop.min_tokens or 0,
+        stop_token_ids=stop_ids,
+        ignore_eos=stop.ignore_eos,
+    )
+    for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                 "repetition_penalty", "seed"):
+        value = getattr(opts, name)
+        if value is not None:
+            setattr(params, name, value)
+    return params
+
+
+def to_generate_request(request: PreprocessedRequest, rid: str, info: EngineInfo) -> GenerateRequest:
+    if not request.token_ids:
+        raise InvalidRequestError("the request has no prompt tokens")
+    out = request.output_options
+    top = 0
+    return_logprob = False
+    logprob_start_len: int | None = None
+    if out.logprobs is not None:
+        return_logprob = True
+        top = max(top, out.logprobs)
+    if out.prompt_logprobs is not None:
+        return_logprob = True
+        logprob_start_len = 0
+        top = max(top, out.prompt_logprobs)
+    return GenerateRequest(
+        rid=rid,
+        input_ids=list(request.token_ids),
+        sampling=to_sampling_params(request, info),
+        return_logprob=return_logprob,
+        top_logprobs_num=top,
+        logprob_start_len=logprob_start_len,
+        bootstrap=request.bootstrap_info,
+        dp_rank=request.routing.dp_rank if request.routing is not None else None,
+    )
+
+
+def _tops(rows: list[list[tuple[int, float]]] | None, k: int | None) -> list[list[TopLogprob]] | None:
+    if rows is None or not k:
+        return None
+    return [[TopLogprob(token_id=t, logprob=lp) for t, lp in row[:k]] for row in rows]
+
+
+def to_engine_output(out: GenerateOutput, request: PreprocessedRequest) -> LLMEngineOutput:
+    opts = request.output_options
+    item = LLMEngineOutput(token_ids=out.token_ids)
+    if opts.logprobs is not None and out.logprobs is not None:
+        item.log_probs = out.logprobs
+        item.top_logprobs = _tops(out.top_logprobs, opts.logprobs)
+    if opts.prompt_logprobs is not None and out.input_logprobs is not None:
+        item.prompt_logprobs = out.input_logprobs
+        item.prompt_top_logprobs = _tops(out.input_top_logprobs, opts.prompt_logprobs)
+    if out.finish_reason is not None:
+        item.finish_reason = _FINISH[out.finish_reason]
+        if out.finish_reason is EngineFinishReason.STOP:
+            item.matched_stop = out.matched_stop
+        if out.error:
+            item.error = out.error
+        item.usage = CompletionUsage(
+            prompt_tokens=out.prompt_tokens or len(request.token_ids),
+            completion_tokens=out.completion_tokens,
+            cached_tokens=out.cached_tokens,
+        )
+    return item
+
+
+class DecodeWorkerHandler(BaseWorkerHandler):
+    """Serves ``{ns}.backend.generate`` for aggregated and disaggregated-decode workers."""
+
+    async def generate(self, request: PreprocessedRequest, context: Context) -> AsyncIterator[LLMEngineOutput]:
+        await self.wait_ready()
+        if self.shutdown_event.is_set():
+            raise EngineShutdown("worker is shutting down")
+        rid = f"{context.id()}-{uuid.uuid4().hex[:8]}"
+        try:
+            greq = to_generate_request(request, rid, self.engine.info)
+            greq.sampling.validate()
+        except InvalidRequestError as exc:
+            raise RequestPlaneError(ErrorKind.INVALID_REQUEST, str(exc), migratable=False) from exc
+        finished = False
+        async with self.cancellation_monitor(rid, context) as cancel:
+            try:
+                async with contextlib.aclosing(self.engine.generate_stream(greq)) as stream:
+                    async for out in stream:
+                        finished = out.finished
+                        if cancel.shutdown and out.finish_reason is EngineFinishReason.ABORT:
+                            # Cut short by shutdown, not by the caller: let the frontend migrate it.
+                            raise EngineShutdown("engine was shut down during token generation")
+                        if context.is_killed():
+                            return
+                        if not out.token_ids and not out.finished and out.input_logprobs is None:
+                            continue
+                        yield to_engine_output(out, request)
+                        if finished:
+                            return
+            except InvalidRequestError as exc:
+                finished = True
+                raise RequestPlaneError(ErrorKind.INVALID_REQUEST, str(exc), migratable=False) from exc
+            finally:
+                if not finished:
+                    # Killed, or the caller went away: free the request's pages now.
+                    await self.engine.abort(rid)
