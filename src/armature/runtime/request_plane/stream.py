@@ -1,0 +1,185 @@
+"""The caller's side of one stream: an async iterator of response items.
+
+The transport feeds it frames (``on_ack``/``on_data``/``on_end``/``on_error``); the caller
+iterates it and may ``stop()`` or ``kill()`` it. The buffer is bounded by the credit window: the
+handler may run at most ``window`` items ahead, and credit flows back as the caller consumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from armature.runtime.context import Context
+from armature.runtime.request_plane.base import ErrorKind, RequestPlaneError, StreamChannel
+from armature.runtime.request_plane.codec import FrameKind
+
+
+class ResponseStream:
+    """``async for item in stream`` yields items; errors raise ``RequestPlaneError``."""
+
+    def __init__(
+        self,
+        channel: StreamChannel,
+        key: int,
+        context: Context,
+        decoder: msgspec.msgpack.Decoder,
+        instance_id: int,
+        window: int,
+        first_response_s: float,
+    ) -> None:
+        self._channel = channel
+        self._key = key
+        self.context = context
+        self.instance_id = instance_id
+        self._decoder = decoder
+        self._items: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: RequestPlaneError | None = None
+        self._finished = False  # no more frames will come (END, error, kill, or lost)
+        self._released = False
+        self._credit_every = max(1, window // 2)
+        self._consumed = 0
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
+            first_response_s, self._first_response_timeout, first_response_s
+        )
+        context.add_callback(self._on_context)
+        if context.is_killed():
+            self._on_context(context)
+
+    # --- caller side -------------------------------------------------------------------------
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            if self._items:
+                item = self._items.popleft()
+                if not self._finished:
+                    self._consumed += 1
+                    if self._consumed >= self._credit_every:
+                        self._channel.send_control(self._key, FrameKind.CREDIT, self._consumed)
+                        self._consumed = 0
+                return item
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._finished:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def stop(self) -> None:
+        """Ask the handler to finish early; items it still sends keep arriving."""
+        self.context.stop_generating()
+
+    def kill(self) -> None:
+        """Abandon the stream: the handler is cancelled and iteration ends at once."""
+        self.context.kill()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._finished:
+            self.kill()
+
+    def __del__(self) -> None:
+        # A caller that drops a stream half-read must not leave a handler generating forever.
+        if not self._finished and not self._released:
+            try:
+                self._channel.send_control(self._key, FrameKind.KILL)
+                self._channel.forget(self._key)
+            except Exception:  # noqa: BLE001 - interpreter or loop may be going away
+                pass
+
+    # --- transport side ----------------------------------------------------------------------
+
+    def on_ack(self) -> None:
+        self._cancel_timer()
+
+    def on_data(self, body: memoryview | bytes) -> None:
+        if self._finished:
+            return
+        self._cancel_timer()
+        try:
+            item = self._decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            self._channel.send_control(self._key, FrameKind.KILL)
+            self.on_error(RequestPlaneError(ErrorKind.INVALID_RESPONSE, f"cannot decode a response item: {e}", False))
+            return
+        self._items.append(item)
+        self._wake()
+
+    def on_end(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._release()
+        self._wake()
+
+    def on_error(self, error: RequestPlaneError) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._error = error
+        self._release()
+        self._wake()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _on_context(self, context: Context) -> None:
+        if self._finished:
+            return
+        if context.is_killed():
+            self._channel.send_control(self._key, FrameKind.KILL)
+            self._finished = True
+            self._items.clear()
+            self._release()
+            self._wake()
+        else:
+            self._channel.send_control(self._key, FrameKind.STOP)
+
+    def _first_response_timeout(self, seconds: float) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        self._channel.send_control(self._key, FrameKind.KILL)
+        self.on_error(
+            RequestPlaneError(
+                ErrorKind.CONNECTION_TIMEOUT,
+                f"instance {self.instance_id:x} did not accept the request within {seconds:g} s",
+                True,
+            )
+        )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._cancel_timer()
+        self.context.remove_callback(self._on_context)
+        self.context.detach()
+        self._channel.forget(self._key)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
