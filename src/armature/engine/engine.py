@@ -1,0 +1,696 @@
+"""The native engine: a ``Scheduler`` driven by its own thread, behind the ``Engine`` protocol.
+
+The step loop never runs on the caller's asyncio loop: callers enqueue commands (submit, abort,
+control calls), the loop thread executes them between steps, and each request's outputs cross
+back with ``loop.call_soon_threadsafe`` into that request's own queue. ``ThreadedEngine`` holds
+all of that and is shared with the mocker; ``NativeEngine`` adds the model (``ModelRunner`` +
+``Sampler`` as the step executor), the tokenizer and the SGLang-style offline API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from armature.engine.api import (
+    EncodeOutput,
+    EncodeRequest,
+    EngineError,
+    EngineFinishReason,
+    EngineInfo,
+    GenerateOutput,
+    GenerateRequest,
+    InvalidRequestError,
+    LoadMetrics,
+    SamplingParams,
+)
+from armature.engine.forward_batch import ForwardBatch
+from armature.engine.kv_events import KvEventPublisher
+from armature.engine.sampler import Sampler, SamplingRow, token_logprobs
+from armature.engine.scheduler import (
+    PageAllocator,
+    ScheduledBatch,
+    Scheduler,
+    SchedulerConfig,
+    SeqResult,
+)
+from armature.engine.server_args import KvEventsConfig, ServerArgs
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+E = TypeVar("E", bound="ThreadedEngine")
+
+
+class _Done:
+    """An already-finished awaitable (what a synchronous ``shutdown()`` returns)."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+_DONE = _Done()
+_PRE_ABORT_MEMORY = 10_000
+_IDLE_WAIT_S = 0.5
+
+
+class OutputSink(Protocol):
+    def put(self, out: GenerateOutput) -> None: ...
+
+
+class _AsyncSink:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+
+    def put(self, out: GenerateOutput) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
+class _SyncSink:
+    def __init__(self, q: queue.SimpleQueue[GenerateOutput]) -> None:
+        self.queue = q
+
+    def put(self, out: GenerateOutput) -> None:
+        self.queue.put(out)
+
+
+class ThreadedEngine:
+    """The step-loop thread, per-request output routing and the control plane of the protocol."""
+
+    info: EngineInfo
+
+    def __init__(self, scheduler: Scheduler, kv_events: KvEventsConfig | None, name: str) -> None:
+        self.scheduler = scheduler
+        self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._sinks: dict[str, OutputSink] = {}
+        self._sinks_lock = threading.Lock()
+        self._pre_aborted: OrderedDict[str, None] = OrderedDict()
+        self._metrics = scheduler.load_metrics()
+        self._paused = False
+        self._stopped = threading.Event()
+        self.publisher = KvEventPublisher(kv_events) if kv_events else None
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-step-loop", daemon=True)
+        self._thread.start()
+
+    # --- the step loop (its own thread) --------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            busy = self.scheduler.has_work and not self._paused
+            try:
+                cmd = self._cmds.get_nowait() if busy else self._cmds.get(timeout=_IDLE_WAIT_S)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if cmd[0] == "stop":
+                    self._drain_on_stop()
+                    return
+                self._handle(cmd)
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self.scheduler.has_work and not self._paused:
+                self._step()
+
+    def _handle(self, cmd: tuple[Any, ...]) -> None:
+        kind = cmd[0]
+        if kind == "submit":
+            _, req = cmd
+            try:
+                self.scheduler.add_request(req)
+            except InvalidRequestError as exc:
+                self._deliver([GenerateOutput(rid=req.rid, finish_reason=EngineFinishReason.ERROR, error=str(exc))])
+        elif kind == "abort":
+            out = self.scheduler.abort(cmd[1])
+            if out is not None:
+                self._deliver([out])
+        elif kind == "call":
+            _, fn, fut = cmd
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to the caller, who re-raises it
+                    fut.set_exception(exc)
+        self._publish_state()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.scheduler.step()
+        except Exception as exc:  # a failed forward fails its requests, not the engine
+            log.exception("engine step failed")
+            outputs = self.scheduler.abort_all(f"engine step failed: {exc!r}")
+            for o in outputs:
+                o.finish_reason = EngineFinishReason.ERROR
+        self._deliver(outputs)
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(self.scheduler.take_events())
+        else:
+            self.scheduler.events.clear()
+        self._metrics = self.scheduler.load_metrics()
+
+    def _deliver(self, outputs: Sequence[GenerateOutput]) -> None:
+        for out in outputs:
+            with self._sinks_lock:
+                sink = self._sinks.pop(out.rid, None) if out.finished else self._sinks.get(out.rid)
+            if sink is not None:
+                sink.put(out)
+
+    def _drain_on_stop(self) -> None:
+        self._deliver(self.scheduler.abort_all("the engine is shutting down"))
+        self._publish_state()
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "call":
+                cmd[2].cancel()
+            elif cmd[0] == "submit":
+                rid = cmd[1].rid
+                out = GenerateOutput(rid=rid, finish_reason=EngineFinishReason.ABORT, error="engine shut down")
+                self._deliver([out])
+
+    # --- calls from other threads --------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._stopped.is_set():
+            raise EngineError("the engine has been shut down")
+
+    def run_in_loop(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the step-loop thread between two steps."""
+        self._check_alive()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._cmds.put(("call", fn, fut))
+        return fut
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self.run_in_loop(fn))
+
+    def submit(self, req: GenerateRequest, sink: OutputSink) -> None:
+        """Validate and enqueue; raises ``InvalidRequestError`` right away for a bad request."""
+        self._check_alive()
+        self.scheduler.validate(req)
+        with self._sinks_lock:
+            if req.rid in self._sinks:
+                raise InvalidRequestError(f"request id {req.rid!r} is already in use")
+            if req.rid in self._pre_aborted:
+                del self._pre_aborted[req.rid]
+                sink.put(GenerateOutput(rid=req.rid, finish_reason=EngineFinishReason.ABORT, error="aborted"))
+                return
+            self._sinks[req.rid] = sink
+        self._cmds.put(("submit", req))
+
+    # --- the Engine protocol -------------------------------------------------------------
+
+    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        sink = _AsyncSink(asyncio.get_running_loop())
+        self.submit(req, sink)
+        finished = False
+        try:
+            while True:
+                out = await sink.queue.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                # The consumer stopped listening (cancelled, or broke out): free what it held.
+                self._cmds.put(("abort", req.rid))
+
+    async def abort(self, rid: str) -> None:
+        with self._sinks_lock:
+            if rid not in self._sinks:
+                # Not submitted yet (or already done): remember it, so a submit that races
+                # behind this abort finishes at once instead of running.
+                self._pre_aborted[rid] = None
+                while len(self._pre_aborted) > _PRE_ABORT_MEMORY:
+                    self._pre_aborted.popitem(last=False)
+                return
+        self._cmds.put(("abort", rid))
+
+    def load_metrics(self) -> LoadMetrics:
+        return self._metrics
+
+    async def flush_cache(self) -> bool:
+        return await self._call(self.scheduler.flush_cache)
+
+    async def encode(self, req: EncodeRequest) -> EncodeOutput:
+        raise EngineError(f"{type(self).__name__} serves generative models; it does not compute embeddings")
+
+    async def release_memory(self, tags: list[str] | None = None) -> None:
+        await self._call(lambda: self._release_memory(tags))
+
+    async def resume_memory(self, tags: list[str] | None = None) -> None:
+        await self._call(lambda: self._resume_memory(tags))
+
+    def _release_memory(self, tags: list[str] | None) -> None:
+        if self.scheduler.has_work:
+            raise EngineError("release_memory needs an idle engine: abort or finish the running requests first")
+        self.scheduler.cache.reset()
+        self._paused = True
+
+    def _resume_memory(self, tags: list[str] | None) -> None:
+        self._paused = False
+
+    async def update_weights_from_disk(self, model_path: str) -> None:
+        raise EngineError(f"{type(self).__name__} has no weights to update")
+
+    async def start_profile(self) -> None:
+        raise EngineError(f"{type(self).__name__} has no profiler")
+
+    async def stop_profile(self) -> None:
+        raise EngineError(f"{type(self).__name__} has no profiler")
+
+    def shutdown(self) -> Awaitable[None]:
+        """Stop the step loop (aborting what runs) and the event publisher.
+
+        Works both ways: ``await engine.shutdown()`` inside a running event loop (the join runs
+        in a worker thread), and a plain ``engine.shutdown()`` in synchronous code (it blocks
+        until done, as SGLang's offline ``Engine.shutdown`` does).
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.shutdown_sync()
+            return _DONE
+        return asyncio.ensure_future(asyncio.to_thread(self.shutdown_sync))
+
+    def __enter__(self: E) -> E:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown_sync()
+
+    def shutdown_sync(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._cmds.put(("stop",))
+        self._thread.join()
+        if self.publisher is not None:
+            self.publisher.close()
+
+
+class ModelExecutor:
+    """Native step executor: builds the ForwardBatch, runs the model, samples."""
+
+    def __init__(self, runner: Any, sampler: Sampler) -> None:
+        self.runner = runner
+        self.sampler = sampler
+        self.device = runner.device
+
+    @property
+    def allocator(self) -> PageAllocator:
+        return self.runner.kv_pool
+
+    def execute(self, batch: ScheduledBatch) -> list[SeqResult]:
+        pool = self.runner.kv_pool
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        out_loc: list[torch.Tensor] = []
+        kv_indices: list[torch.Tensor] = []
+        for s in batch.seqs:
+            ids.extend(s.input_ids())
+            end = s.prefix_len + s.extend_len
+            slots = pool.slots_of(s.req.pages, end).to(self.device)
+            kv_indices.append(slots)
+            out_loc.append(slots[s.prefix_len :])
+            positions.append(torch.arange(s.prefix_len, end, dtype=torch.int64))
+        fb = ForwardBatch(
+            mode=batch.mode,
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
+            positions=torch.cat(positions).to(self.device),
+            out_cache_loc=torch.cat(out_loc),
+            extend_lens=[s.extend_len for s in batch.seqs],
+            prefix_lens=[s.prefix_len for s in batch.seqs],
+            kv_indices=kv_indices,
+            return_all_logits=[s.prompt_logprobs for s in batch.seqs],
+        )
+        logits = self.runner.forward(fb)
+        results = [SeqResult() for _ in batch.seqs]
+        last_rows: list[int] = []
+        sampled: list[int] = []
+        row = 0
+        for i, s in enumerate(batch.seqs):
+            n_rows = s.extend_len if s.prompt_logprobs else 1
+            if s.prompt_logprobs:
+                self._prompt_logprobs(s, logits[row : row + n_rows], results[i])
+            if s.sample:
+                last_rows.append(row + n_rows - 1)
+                sampled.append(i)
+            row += n_rows
+        if sampled:
+            rows = [self._sampling_row(batch.seqs[i]) for i in sampled]
+            sel = logits if len(last_rows) == logits.shape[0] else logits[last_rows]
+            res = self.sampler.sample(sel, rows)
+            for j, i in enumerate(sampled):
+                results[i].token_id = res.token_ids[j]
+                results[i].logprob = res.logprobs[j]
+                results[i].top_logprobs = res.top_logprobs[j]
+        return results
+
+    @staticmethod
+    def _sampling_row(s: Any) -> SamplingRow:
+        r = s.req
+        penal = r.sampling.repetition_penalty != 1.0
+        return SamplingRow(
+            params=r.sampling,
+            output_ids=r.output_ids,
+            prompt_ids=r.input_ids if penal else (),
+            stop_ids=tuple(r.stop_ids),
+            generator=r.generator,
+            return_logprob=r.return_logprob,
+            top_logprobs_num=r.top_logprobs_num,
+        )
+
+    def _prompt_logprobs(self, s: Any, rows: torch.Tensor, out: SeqResult) -> None:
+        r = s.req
+        # Row j predicts the token at position prefix + j + 1; only prompt targets count.
+        start = s.prefix_len + 1
+        end = min(s.prefix_len + s.extend_len + 1, len(r.input_ids))
+        if end <= start:
+            out.prompt_logprobs = []
+            return
+        targets = torch.tensor(r.input_ids[start:end], dtype=torch.int64, device=rows.device)
+        chosen, tops = token_logprobs(rows[: end - start], targets, r.top_logprobs_num)
+        out.prompt_logprobs = chosen
+        out.prompt_top_logprobs = tops
+
+
+# --- SGLang-style offline helpers -----------------------------------------------------------
+
+_SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
+_SAMPLING_ALIASES = {"sampling_seed": "seed", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
+
+
+def sampling_params_from(value: SamplingParams | dict[str, Any] | None) -> SamplingParams:
+    if value is None:
+        return SamplingParams()
+    if isinstance(value, SamplingParams):
+        return value
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"sampling_params must be a dict or SamplingParams, got {type(value).__name__}")
+    kw = {_SAMPLING_ALIASES.get(k, k): v for k, v in value.items() if v is not None}
+    unknown = sorted(set(kw) - _SAMPLING_KEYS)
+    if unknown:
+        raise InvalidRequestError(
+            f"unsupported sampling params {unknown}; the native engine takes {sorted(_SAMPLING_KEYS)} "
+            "(stop strings are matched by the frontend on text)"
+        )
+    params = SamplingParams(**kw)
+    params.validate()
+    return params
+
+
+def finish_reason_dict(out: GenerateOutput, completion_tokens: int) -> dict[str, Any] | None:
+    fr = out.finish_reason
+    if fr is None:
+        return None
+    if fr is EngineFinishReason.STOP:
+        return {"type": "stop", "matched": out.matched_stop}
+    if fr is EngineFinishReason.LENGTH:
+        return {"type": "length", "length": completion_tokens}
+    return {"type": fr.value, "message": out.error}
+
+
+class NativeEngine(ThreadedEngine):
+    """``Engine(model_path=..., **server_args)``: SGLang's offline engine, on our own runtime."""
+
+    def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any) -> None:
+        from armature.engine.model_runner import ModelRunner
+
+        args = server_args if server_args is not None else ServerArgs.from_kwargs(**kwargs)
+        if server_args is not None and kwargs:
+            raise TypeError("pass either server_args or keyword arguments, not both")
+        self.server_args = args
+        self._runner_kwargs = dict(
+            dtype=args.dtype,
+            device=args.device,
+            page_size=args.page_size,
+            max_total_tokens=args.max_total_tokens,
+            mem_fraction_static=args.mem_fraction_static,
+            max_context_length=args.context_length,
+        )
+        runner = ModelRunner(args.model_path, **self._runner_kwargs)  # type: ignore[arg-type]
+        self.runner = runner
+        cfg = runner.model_config
+        self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(runner.model_path)
+        self.executor = ModelExecutor(runner, Sampler(runner.device, args.random_seed))
+        sched_cfg = SchedulerConfig(
+            page_size=args.page_size,
+            context_length=runner.context_length,
+            vocab_size=cfg.vocab_size,
+            eos_token_ids=list(cfg.eos_token_ids),
+            max_running_requests=args.max_running_requests,
+            max_prefill_tokens=args.max_prefill_tokens,
+            chunked_prefill_size=args.prefill_chunk_limit,
+            enable_mixed_chunk=args.enable_mixed_chunk,
+            disable_radix_cache=args.disable_radix_cache,
+            stream_interval=args.stream_interval,
+            random_seed=args.random_seed,
+        )
+        self._profiler: torch.profiler.profile | None = None
+        self._rid_counter = itertools.count()
+        super().__init__(Scheduler(sched_cfg, self.executor), args.kv_events(), "native")
+        self.info = EngineInfo(
+            model_path=str(runner.model_path),
+            served_model_name=args.served_model_name or Path(args.model_path or runner.model_path).stem,
+            page_size=args.page_size,
+            total_kv_blocks=runner.kv_pool.total_pages,
+            max_running_requests=args.max_running_requests,
+            max_prefill_tokens=args.max_prefill_tokens,
+            context_length=runner.context_length,
+            vocab_size=cfg.vocab_size,
+            bos_token_id=cfg.bos_token_id,
+            eos_token_ids=list(cfg.eos_token_ids),
+            dp_size=1,
+            kv_events_endpoint=self.publisher.endpoint if self.publisher else None,
+            engine_kind="native",
+        )
+
+    # --- control calls that need the model ----------------------------------------------
+
+    async def update_weights_from_disk(self, model_path: str) -> None:
+        from armature.engine.loader import load_weights, resolve_model_path
+
+        def swap() -> None:
+            if self.scheduler.has_work:
+                raise EngineError("update_weights_from_disk needs an idle engine")
+            from armature.engine.config import ModelConfig
+
+            path = resolve_model_path(model_path)
+            new_cfg = ModelConfig.from_folder(path)
+            old = self.runner.model_config
+            for attr in ("architecture", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+                if getattr(new_cfg, attr) != getattr(old, attr):
+                    raise EngineError(f"new weights differ in {attr}: {getattr(new_cfg, attr)} vs {getattr(old, attr)}")
+            from armature.engine.models import MODEL_CLASSES
+
+            weights = load_weights(path, new_cfg, self.runner.dtype, self.runner.device)
+            self.runner.model = MODEL_CLASSES[new_cfg.architecture](new_cfg, weights, self.runner.model.rotary)
+            # Cached KV was computed by the old weights: it must not be reused.
+            self.scheduler.cache.reset()
+
+        await self._call(swap)
+
+    async def start_profile(self) -> None:
+        def start() -> None:
+            if self._profiler is not None:
+                raise EngineError("a profile is already running")
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.runner.device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=acts, record_shapes=False)
+            self._profiler.__enter__()
+
+        await self._call(start)
+
+    async def stop_profile(self) -> str:
+        def stop() -> str:
+            prof = self._profiler
+            if prof is None:
+                raise EngineError("no profile is running")
+            self._profiler = None
+            prof.__exit__(None, None, None)
+            folder = Path(os.environ.get("ARMATURE_TORCH_PROFILER_DIR", "/tmp/armature-profiles"))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"native-{int(time.time() * 1000)}.trace.json"
+            prof.export_chrome_trace(str(path))
+            return str(path)
+
+        return await self._call(stop)
+
+    # --- offline API ---------------------------------------------------------------------
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("text prompts need the tokenizer (skip_tokenizer_init is set): pass input_ids")
+        return self.tokenizer.encode(text).ids
+
+    def _decode_text(self, ids: list[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _build_requests(
+        self,
+        prompt: str | list[str] | None,
+        input_ids: list[int] | list[list[int]] | None,
+        sampling_params: Any,
+        return_logprob: bool,
+        logprob_start_len: int | None,
+        top_logprobs_num: int,
+        rid: str | list[str] | None,
+    ) -> tuple[list[GenerateRequest], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise InvalidRequestError("pass exactly one of prompt and input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            token_lists = [self._encode_text(p) for p in ([prompt] if single else prompt)]  # type: ignore[list-item]
+        else:
+            assert input_ids is not None
+            single = bool(input_ids) and isinstance(input_ids[0], int)
+            token_lists = [list(input_ids)] if single else [list(x) for x in input_ids]  # type: ignore[arg-type]
+        n = len(token_lists)
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != n:
+                raise InvalidRequestError(f"{len(sampling_params)} sampling_params for {n} prompts")
+            params = [sampling_params_from(p) for p in sampling_params]
+        else:
+            params = [sampling_params_from(sampling_params)] * n
+        rids = [rid] if isinstance(rid, str) else (rid or [uuid.uuid4().hex for _ in range(n)])
+        if len(rids) != n:
+            raise InvalidRequestError(f"{len(rids)} rids for {n} prompts")
+        reqs = [
+            GenerateRequest(
+                rid=r,
+                input_ids=ids,
+                sampling=p,
+                return_logprob=return_logprob or logprob_start_len is not None,
+                top_logprobs_num=top_logprobs_num,
+                logprob_start_len=logprob_start_len,
+            )
+            for r, ids, p in zip(rids, token_lists, params)
+        ]
+        return reqs, single
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: SamplingParams | dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int = 0,
+        rid: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Run a prompt (or a batch) to completion; SGLang's ``Engine.generate`` result dicts."""
+        reqs, single = self._build_requests(
+            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, rid
+        )
+        q: queue.SimpleQueue[GenerateOutput] = queue.SimpleQueue()
+        sink = _SyncSink(q)
+        started = time.perf_counter()
+        submitted: list[GenerateRequest] = []
+        try:
+            for r in reqs:
+                self.submit(r, sink)
+                submitted.append(r)
+            acc = {r.rid: _Accumulator(r) for r in reqs}
+            done = 0
+            while done < len(reqs):
+                out = q.get()
+                a = acc[out.rid]
+                a.add(out)
+                if out.finished:
+                    a.latency = time.perf_counter() - started
+                    done += 1
+        except BaseException:
+            for r in submitted:
+                self._cmds.put(("abort", r.rid))
+            raise
+        results = [acc[r.rid].result(self) for r in reqs]
+        return results[0] if single else results
+
+    async def async_generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        async for out in self.generate_stream(req):
+            yield out
+
+
+class _Accumulator:
+    def __init__(self, req: GenerateRequest) -> None:
+        self.req = req
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]]] = []
+        self.input_logprobs: list[float | None] | None = None
+        self.input_top: list[list[tuple[int, float]]] | None = None
+        self.last: GenerateOutput | None = None
+        self.latency = 0.0
+
+    def add(self, out: GenerateOutput) -> None:
+        self.output_ids.extend(out.token_ids)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.top_logprobs:
+            self.top.extend(out.top_logprobs)
+        if out.input_logprobs is not None:
+            self.input_logprobs = out.input_logprobs
+            self.input_top = out.input_top_logprobs
+        self.last = out
+
+    def result(self, engine: NativeEngine) -> dict[str, Any]:
+        last = self.last
+        assert last is not None
+        if last.finish_reason is EngineFinishReason.ERROR and not self.output_ids:
+            raise InvalidRequestError(last.error or "request failed")
+        meta: dict[str, Any] = {
+            "id": self.req.rid,
+            "finish_reason": finish_reason_dict(last, len(self.output_ids)),
+            "prompt_tokens": len(self.req.input_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": last.cached_tokens,
+            "e2e_latency": self.latency,
+        }
+        if self.req.return_logprob:
+            meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(self.logprobs, self.output_ids)]
+            if self.req.top_logprobs_num:
+                meta["output_top_logprobs"] = [[(lp, t, None) for t, lp in row] for row in self.top]
+        if self.input_logprobs is not None:
+            meta["input_token_logprobs"] = [(lp, t, None) for lp, t in zip(self.input_logprobs, self.req.input_ids)]
+            if self.input_top is not None:
+                meta["input_top_logprobs"] = [[(lp, t, None) for t, lp in row] or None for row in self.input_top]
+        return {"text": engine._decode_text(self.output_ids), "output_ids": self.output_ids, "meta_info": meta}
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise EngineError(f"no tokenizer.json in {folder}; pass skip_tokenizer_init=True and input_ids")
+    return Tokenizer.from_file(str(path))
