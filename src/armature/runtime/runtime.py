@@ -18,7 +18,7 @@ import os
 import random
 import secrets
 import typing
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +228,9 @@ class DistributedRuntime:
         self._started = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
+        self._grace_cut = asyncio.Event()
+        # Coroutines run after everything is closed (the deferred signal handlers of engines).
+        self._after_close: list[Callable[[], Awaitable[None]]] = []
 
     @classmethod
     def from_settings(
@@ -348,9 +351,13 @@ class DistributedRuntime:
                 if not reg.graceful:
                     for stream in list(reg.served.streams):
                         stream.shutdown()
-            if self.dispatcher.streams and grace > 0:
+            if self.dispatcher.streams and grace > 0 and not self._grace_cut.is_set():
                 log.info("shutdown: waiting up to %.1f s for %d stream(s)", grace, len(self.dispatcher.streams))
-                await self.dispatcher.wait_idle(grace)
+                idle = asyncio.ensure_future(self.dispatcher.wait_idle(grace))
+                cut = asyncio.ensure_future(self._grace_cut.wait())
+                await asyncio.wait((idle, cut), return_when=asyncio.FIRST_COMPLETED)
+                for task in (idle, cut):
+                    task.cancel()
             # 3. Whatever still runs ends with a migratable engine_shutdown error.
             if self.dispatcher.streams:
                 log.info("shutdown: ending %d stream(s) with engine_shutdown", len(self.dispatcher.streams))
@@ -359,7 +366,20 @@ class DistributedRuntime:
             await asyncio.sleep(0)
         finally:
             await self._close_transports()
+            for hook in self._after_close:
+                with contextlib.suppress(Exception):
+                    await hook()
             self._closed.set()
+
+    def cut_grace_period(self) -> None:
+        """End the grace period now (a second SIGINT): running streams get engine_shutdown."""
+        self._grace_cut.set()
+
+    def install_signal_handlers(self) -> Any:
+        """Own SIGTERM/SIGINT (main thread, inside the loop); returns the ``GracefulShutdown``."""
+        from armature.runtime.shutdown import GracefulShutdown
+
+        return GracefulShutdown(self).install()
 
     async def _close_transports(self) -> None:
         for closer in (
