@@ -1,0 +1,1 @@
+"""Routers: pick the worker instance for each request (push: rr/random/direct; kv later)."""

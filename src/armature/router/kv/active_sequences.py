@@ -1,0 +1,300 @@
+"""Requests the router has sent to each (worker, dp_rank) and the load they put there.
+
+A request is added when routed (its blocks and the prefill tokens it still needs), its prefill
+tokens are released at its first token, and it is freed at completion or cancellation; requests
+nobody reported on are expired after a TTL (300 s) so a lost notification cannot leak load.
+
+Decode load counts *unique* blocks: requests sharing a prefix on one worker share its KV pages.
+Active blocks live in a prefix trie keyed by canonical local block hashes (a node is a whole
+prefix, like a chained sequence hash) with per-slot reference counts, so "how many of this
+request's blocks are already active on each worker" is one intersecting walk — the same shape
+as the indexer's query, with no per-worker loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from armature.router.kv.slots import SlotTable, WorkerKey
+
+logger = logging.getLogger(__name__)
+
+
+class _ActiveNode:
+    __slots__ = ("children", "mask", "refs", "parent", "key")
+
+    def __init__(self, parent: _ActiveNode | None, key: int) -> None:
+        self.children: dict[int, _ActiveNode] | None = None
+        self.mask = 0
+        self.refs: dict[int, int] = {}  # slot -> active requests on that slot using this block
+        self.parent = parent
+        self.key = key
+
+
+@dataclass(slots=True)
+class _Request:
+    key: WorkerKey
+    slot: int
+    path: list[_ActiveNode]
+    own_blocks: int  # blocks counted for this request alone (partial tail, or all without reuse)
+    prefill_tokens: int
+    started_at: float
+    prefill_done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceLoad:
+    worker_id: int
+    dp_rank: int
+    active_blocks: int
+    active_prefill_tokens: int
+    num_requests: int
+
+
+class ActiveSequences:
+    """Active requests per (worker_id, dp_rank) with unique-block decode load."""
+
+    def __init__(
+        self,
+        block_size: int,
+        *,
+        ttl_secs: float = 300.0,
+        assume_kv_reuse: bool = True,
+        track_active_blocks: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.ttl_secs = ttl_secs
+        self.assume_kv_reuse = assume_kv_reuse
+        self.track_active_blocks = track_active_blocks
+        self._clock = clock
+        self._root = _ActiveNode(None, 0)
+        self._slots = SlotTable()
+        # Read directly by the scheduler; every known key is present.
+        self.active_blocks: dict[WorkerKey, int] = {}
+        self.prefill_tokens: dict[WorkerKey, int] = {}
+        self._num_requests: dict[WorkerKey, int] = {}
+        # Insertion order is start order, so expiry only looks at the front.
+        self._requests: dict[str, _Request] = {}
+        self.expired_total = 0
+
+    # ------------------------------------------------------------------ queries
+
+    def already_active(self, local_hashes: Sequence[int]) -> dict[WorkerKey, int]:
+        """For each slot, how many leading blocks of the request are already active there."""
+        out: dict[WorkerKey, int] = {}
+        if not self.assume_kv_reuse or not self.track_active_blocks:
+            return out
+        key_of = self._slots.key_of
+        children = self._root.children
+        cur = -1
+        depth = 0
+        if children is not None:
+            for h in local_hashes:
+                node = children.get(h)
+                if node is None:
+                    break
+                m = node.mask & cur
+                if m != cur:
+                    if depth:
+                        dropped = cur & ~m
+                        while dropped:
+                            low = dropped & -dropped
+                            out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                            dropped ^= low
+                    if not m:
+                        cur = 0
+                        break
+                    cur = m
+                depth += 1
+                children = node.children
+                if children is None:
+                    break
+        if depth and cur > 0:
+            while cur:
+                low = cur & -cur
+                out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                cur ^= low
+        return out
+
+    def new_prefill_tokens(self, isl: int, overlap_blocks: int) -> int:
+        return max(isl - overlap_blocks * self.block_size, 0)
+
+    def request_blocks(self, isl: int) -> int:
+        """KV blocks a request of ``isl`` tokens occupies (a partial tail block counts)."""
+        return -(-isl // self.block_size)
+
+    def loads(self) -> list[SequenceLoad]:
+        return [
+            SequenceLoad(k[0], k[1], self.active_blocks[k], self.prefill_tokens[k], self._num_requests[k])
+            for k in sorted(self.active_blocks)
+        ]
+
+    def load_of(self, key: WorkerKey) -> SequenceLoad:
+        return SequenceLoad(
+            key[0],
+            key[1],
+            self.active_blocks.get(key, 0),
+            self.prefill_tokens.get(key, 0),
+            self._num_requests.get(key, 0),
+        )
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def worker_of(self, request_id: str) -> WorkerKey | None:
+        req = self._requests.get(request_id)
+        return None if req is None else req.key
+
+    # ------------------------------------------------------------------ changes
+
+    def ensure_worker(self, key: WorkerKey) -> None:
+        if key not in self.active_blocks:
+            self._slots.acquire(key)
+            self.active_blocks[key] = 0
+            self.prefill_tokens[key] = 0
+            self._num_requests[key] = 0
+
+    def add_request(
+        self,
+        request_id: str,
+        key: WorkerKey,
+        local_hashes: Sequence[int],
+        isl: int,
+        overlap_blocks: int,
+    ) -> int:
+        """Book a routed request; returns the prefill tokens it adds to ``key``."""
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already active")
+        if isl < 0 or overlap_blocks < 0:
+            raise ValueError("isl and overlap_blocks must be >= 0")
+        now = self._clock()
+        self.expire(now)
+        self.ensure_worker(key)
+        slot = self._slots.get(key)
+        assert slot is not None
+        prefill = self.new_prefill_tokens(isl, overlap_blocks)
+        path: list[_ActiveNode] = []
+        own = 0
+        if self.track_active_blocks:
+            full = isl // self.block_size
+            if len(local_hashes) < full:
+                raise ValueError(f"request {request_id!r}: {len(local_hashes)} block hashes for {isl} tokens")
+            if self.assume_kv_reuse:
+                path = self._book_path(slot, key, local_hashes[:full])
+                own = self.request_blocks(isl) - full
+            else:
+                own = self.request_blocks(isl)
+            self.active_blocks[key] += own
+        self.prefill_tokens[key] += prefill
+        self._num_requests[key] += 1
+        self._requests[request_id] = _Request(key, slot, path, own, prefill, now)
+        return prefill
+
+    def mark_prefill_completed(self, request_id: str) -> bool:
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        if not req.prefill_done:
+            req.prefill_done = True
+            self.prefill_tokens[req.key] -= req.prefill_tokens
+        return True
+
+    def free(self, request_id: str) -> bool:
+        """Release everything the request holds; False if it is not (or no longer) active."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self._release(req)
+        return True
+
+    def expire(self, now: float | None = None) -> int:
+        """Free requests older than the TTL; returns how many."""
+        if now is None:
+            now = self._clock()
+        deadline = now - self.ttl_secs
+        n = 0
+        while self._requests:
+            rid, req = next(iter(self._requests.items()))
+            if req.started_at > deadline:
+                break
+            del self._requests[rid]
+            self._release(req)
+            n += 1
+        if n:
+            self.expired_total += n
+            logger.warning("expired %d active requests older than %.0f s", n, self.ttl_secs)
+        return n
+
+    def remove_worker(self, worker_id: int) -> int:
+        """Drop every request on ``worker_id`` (all dp ranks); returns how many."""
+        gone = [rid for rid, req in self._requests.items() if req.key[0] == worker_id]
+        for rid in gone:
+            self._release(self._requests.pop(rid))
+        for key in self._slots.keys_of_worker(worker_id):
+            self._slots.release(key)
+            self.active_blocks.pop(key, None)
+            self.prefill_tokens.pop(key, None)
+            self._num_requests.pop(key, None)
+        return len(gone)
+
+    # ------------------------------------------------------------------ internals
+
+    def _book_path(self, slot: int, key: WorkerKey, hashes: Sequence[int]) -> list[_ActiveNode]:
+        bit = 1 << slot
+        node = self._root
+        path: list[_ActiveNode] = []
+        new_blocks = 0
+        for h in hashes:
+            children = node.children
+            if children is None:
+                children = node.children = {}
+            child = children.get(h)
+            if child is None:
+                child = children[h] = _ActiveNode(node, h)
+            refs = child.refs
+            n = refs.get(slot, 0)
+            if not n:
+                child.mask |= bit
+                new_blocks += 1
+            refs[slot] = n + 1
+            path.append(child)
+            node = child
+        self.active_blocks[key] += new_blocks
+        return path
+
+    def _release(self, req: _Request) -> None:
+        key, slot = req.key, req.slot
+        if not req.prefill_done:
+            self.prefill_tokens[key] -= req.prefill_tokens
+        self.active_blocks[key] -= req.own_blocks
+        self._num_requests[key] -= 1
+        bit = 1 << slot
+        freed = 0
+        root = self._root
+        for node in reversed(req.path):
+            n = node.refs[slot] - 1
+            if n:
+                node.refs[slot] = n
+                continue
+            del node.refs[slot]
+            node.mask &= ~bit
+            freed += 1
+            # Walking leaf to root, so a node's booked descendants on this path are gone already.
+            while node is not root and not node.mask and node.children is None:
+                parent = node.parent
+                assert parent is not None and parent.children is not None
+                del parent.children[node.key]
+                if not parent.children:
+                    parent.children = None
+                node.parent = None
+                node = parent
+        self.active_blocks[key] -= freed

@@ -1,0 +1,484 @@
+"""The KV indexer: a radix tree over canonical local block hashes, fed by workers' KV events.
+
+Each node is one block position reached by a path of local hashes from the root (so a node's
+identity is the whole prefix, exactly like a chained sequence hash, without computing one on
+the query path). A node carries a bitmask of the (worker_id, dp_rank) slots that hold it. Per
+slot, a lookup from the engine's opaque block hash to the node lets ``KvRemoved`` events and
+``KvStored.parent_hash`` address nodes directly.
+
+``find_matches`` walks the request's local hashes from the root, intersecting the masks as it
+goes; a slot's score is the depth at which it drops out. The loop allocates nothing per node.
+
+Events carry a per-worker ``event_id``. A jump forward is a gap: the indexer reports it, buffers
+that worker's later events, and applies them once the missing range (``fill_gap``) or a full
+snapshot (``load_worker_snapshot``) arrives, so events are always applied in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from armature.protocols.kv_events import (
+    KvCacheEvent,
+    KvCleared,
+    KvRemoved,
+    KvStored,
+    RouterEvent,
+    StoredBlock,
+)
+from armature.router.kv.slots import SlotTable, WorkerKey, iter_bits
+
+logger = logging.getLogger(__name__)
+
+
+class _Node:
+    __slots__ = ("children", "mask", "parent", "key")
+
+    def __init__(self, parent: _Node | None, key: int) -> None:
+        self.children: dict[int, _Node] | None = None
+        self.mask = 0
+        self.parent = parent
+        self.key = key
+
+
+@dataclass(slots=True)
+class OverlapScores:
+    """Result of ``find_matches``.
+
+    ``scores``: matched prefix length in blocks per (worker_id, dp_rank) that matched at least one
+    block. ``frequencies[i]``: how many slots hold the request's block ``i`` along the matched
+    path. ``tree_sizes``: blocks currently indexed per slot (every known slot, matched or not).
+    """
+
+    scores: dict[WorkerKey, int]
+    frequencies: list[int]
+    tree_sizes: dict[WorkerKey, int]
+
+
+@dataclass(frozen=True, slots=True)
+class EventGap:
+    """Events ``first..last`` (inclusive) of ``worker_id`` never arrived."""
+
+    worker_id: int
+    first: int
+    last: int
+
+
+@dataclass(slots=True)
+class IndexerStats:
+    events_applied: int = 0
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    duplicate_events: int = 0
+    gaps: int = 0
+    # A store whose parent block this slot does not hold: the engine and the index disagree.
+    orphaned_blocks: int = 0
+    # A removal of a block hash the slot never stored (or already removed).
+    unknown_removals: int = 0
+    snapshots_loaded: int = 0
+
+
+@dataclass(slots=True)
+class _WorkerLog:
+    last_event_id: int | None = None
+    # Events received while a gap is open, applied in order once it closes.
+    pending: list[RouterEvent] | None = None
+    open_gap: EventGap | None = None
+    dp_ranks: set[int] = field(default_factory=set)
+
+
+class KvIndexer:
+    """Radix tree of which (worker, dp_rank) holds which KV blocks."""
+
+    def __init__(self) -> None:
+        self._root = _Node(None, 0)
+        self._slots = SlotTable()
+        # Per slot: engine block hash -> node. Indexed by slot number.
+        self._lookup: list[dict[int, _Node]] = []
+        self._tree_sizes: dict[WorkerKey, int] = {}
+        self._logs: dict[int, _WorkerLog] = {}
+        self._nodes = 0
+        self.stats = IndexerStats()
+
+    # ------------------------------------------------------------------ queries (hot path)
+
+    def find_matches(
+        self, local_hashes: Sequence[int], early_exit: bool = False, frequencies: bool = True
+    ) -> OverlapScores:
+        """Matched prefix length per slot for a request's canonical local block hashes.
+
+        ``early_exit`` stops as soon as at most one slot is left; that slot's score is then the
+        depth reached so far (a lower bound), which is all a caller needs to pick a worker.
+        """
+        scores: dict[WorkerKey, int] = {}
+        freqs: list[int] = []
+        key_of = self._slots.key_of
+        children = self._root.children
+        cur = -1  # all ones: the first mask intersects to itself
+        depth = 0
+        if children is not None:
+            for h in local_hashes:
+                node = children.get(h)
+                if node is None:
+                    break
+                m = node.mask & cur
+                if m != cur:
+                    if depth:
+                        dropped = cur & ~m
+                        while dropped:
+                            low = dropped & -dropped
+                            scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                            dropped ^= low
+                    if not m:
+                        cur = 0
+                        break
+                    cur = m
+                depth += 1
+                if frequencies:
+                    freqs.append(m.bit_count())
+                if early_exit and not (m & (m - 1)):
+                    break
+                children = node.children
+                if children is None:
+                    break
+        if depth and cur > 0:
+            while cur:
+                low = cur & -cur
+                scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                cur ^= low
+        return OverlapScores(scores, freqs, dict(self._tree_sizes))
+
+    def tree_sizes(self) -> dict[WorkerKey, int]:
+        return dict(self._tree_sizes)
+
+    def tree_size(self, key: WorkerKey) -> int:
+        return self._tree_sizes.get(key, 0)
+
+    @property
+    def num_nodes(self) -> int:
+        """Distinct blocks (tree nodes) currently indexed."""
+        return self._nodes
+
+    @property
+    def num_entries(self) -> int:
+        """(slot, block) pairs currently indexed."""
+        return sum(self._tree_sizes.values())
+
+    def workers(self) -> list[WorkerKey]:
+        return self._slots.keys()
+
+    def last_event_id(self, worker_id: int) -> int | None:
+        log = self._logs.get(worker_id)
+        return None if log is None else log.last_event_id
+
+    def open_gap(self, worker_id: int) -> EventGap | None:
+        log = self._logs.get(worker_id)
+        return None if log is None else log.open_gap
+
+    # ------------------------------------------------------------------ events
+
+    def apply_event(self, event: RouterEvent) -> EventGap | None:
+        """Apply one worker event in ``event_id`` order; returns the gap if one just opened.
+
+        The first event seen from a worker sets its baseline (the router loads a snapshot of a
+        newly discovered worker separately). Events at or below the last applied id are
+        duplicates and ignored.
+        """
+        wid = event.worker_id
+        log = self._logs.get(wid)
+        if log is None:
+            log = self._logs[wid] = _WorkerLog()
+        if log.pending is not None:
+            log.pending.append(event)
+            return None
+        eid = event.event.event_id
+        last = log.last_event_id
+        if last is not None:
+            if eid <= last:
+                self.stats.duplicate_events += 1
+                return None
+            if eid > last + 1:
+                gap = EventGap(wid, last + 1, eid - 1)
+                log.pending = [event]
+                log.open_gap = gap
+                self.stats.gaps += 1
+                logger.warning(
+                    "kv event gap from worker %x: expected event %d, got %d", wid, last + 1, eid
+                )
+                return gap
+        self._apply(wid, event.event)
+        log.last_event_id = eid
+        return None
+
+    def fill_gap(self, worker_id: int, events: Iterable[RouterEvent]) -> EventGap | None:
+        """Apply the missing events of an open gap, then the buffered ones.
+
+        Returns the gap that is still (or newly) open, if any: when ``events`` does not cover the
+        whole missing range, the caller should fall back to a snapshot.
+        """
+        log = self._logs.get(worker_id)
+        if log is None or log.pending is None or log.open_gap is None:
+            return None  # no gap open (or the worker is waiting for a snapshot instead)
+        pending = log.pending
+        last = log.last_event_id
+        for ev in sorted(events, key=lambda e: e.event.event_id):
+            if ev.worker_id != worker_id:
+                raise ValueError(f"event of worker {ev.worker_id:x} given to fill a gap of {worker_id:x}")
+            eid = ev.event.event_id
+            if last is not None and eid <= last:
+                continue
+            if last is not None and eid != last + 1:
+                break
+            self._apply(worker_id, ev.event)
+            last = eid
+        log.last_event_id = last
+        gap = log.open_gap
+        if last is None or last < gap.last:
+            remaining = EventGap(worker_id, (last + 1) if last is not None else gap.first, gap.last)
+            log.open_gap = remaining
+            return remaining
+        return self._drain(log, pending)
+
+    def hold_events(self, worker_id: int) -> None:
+        """Buffer the worker's events until ``load_worker_snapshot`` (its snapshot is in flight)."""
+        log = self._logs.get(worker_id)
+        if log is None:
+            log = self._logs[worker_id] = _WorkerLog()
+        if log.pending is None:
+            log.pending = []
+
+    def load_worker_snapshot(
+        self, worker_id: int, events: Iterable[RouterEvent], last_event_id: int | None
+    ) -> EventGap | None:
+        """Replace everything known about ``worker_id`` with a full dump of its state.
+
+        ``last_event_id`` is the id of the last event the dump includes (None: the worker had
+        published nothing); buffered events after it are applied on top. Returns a gap if the
+        buffered events themselves have one.
+        """
+        events = list(events)
+        for ev in events:
+            if ev.worker_id != worker_id:
+                raise ValueError(f"snapshot of worker {worker_id:x} holds an event of {ev.worker_id:x}")
+        self._clear_worker(worker_id)
+        log = self._logs.get(worker_id)
+        if log is None:
+            log = self._logs[worker_id] = _WorkerLog()
+        for ev in events:
+            self._apply(worker_id, ev.event)
+        self.stats.snapshots_loaded += 1
+        pending = log.pending or []
+        log.last_event_id = last_event_id
+        return self._drain(log, pending)
+
+    def _drain(self, log: _WorkerLog, pending: list[RouterEvent]) -> EventGap | None:
+        log.pending = None
+        log.open_gap = None
+        gap: EventGap | None = None
+        for ev in pending:
+            g = self.apply_event(ev)
+            if g is not None:
+                gap = g
+        return gap
+
+    def apply_data(self, key: WorkerKey, data: KvStored | KvRemoved | KvCleared) -> None:
+        """Apply an event body for one slot without event-id bookkeeping (approximate mode)."""
+        self._apply(key[0], KvCacheEvent(event_id=0, data=data, dp_rank=key[1]))
+
+    def remove_worker(self, worker_id: int) -> None:
+        """Forget a worker entirely: all its blocks on every dp_rank and its event log."""
+        self._clear_worker(worker_id)
+        for key in self._slots.keys_of_worker(worker_id):
+            slot = self._slots.get(key)
+            assert slot is not None
+            self._lookup[slot] = {}
+            self._slots.release(key)
+            self._tree_sizes.pop(key, None)
+        self._logs.pop(worker_id, None)
+
+    # ------------------------------------------------------------------ dumps
+
+    def dump_worker(self, worker_id: int, event_id: int = 0) -> list[RouterEvent]:
+        """The worker's state as ``KvStored`` events (parents before children), one per chain.
+
+        Blocks reachable from the root only through a block this slot no longer holds cannot be
+        expressed as stores and are left out; they can never match a request anyway.
+        """
+        out: list[RouterEvent] = []
+        for key in sorted(self._slots.keys_of_worker(worker_id)):
+            slot = self._slots.get(key)
+            assert slot is not None
+            for stored in self._dump_slot(slot):
+                out.append(
+                    RouterEvent(
+                        worker_id=worker_id,
+                        event=KvCacheEvent(event_id=event_id, data=stored, dp_rank=key[1]),
+                    )
+                )
+        return out
+
+    def dump_events(self) -> list[RouterEvent]:
+        out: list[RouterEvent] = []
+        for wid in sorted({k[0] for k in self._slots.keys()}):
+            out.extend(self.dump_worker(wid, self.last_event_id(wid) or 0))
+        return out
+
+    def _dump_slot(self, slot: int) -> list[KvStored]:
+        bit = 1 << slot
+        engine_hash = {id(node): h for h, node in self._lookup[slot].items() if node.mask & bit}
+        out: list[KvStored] = []
+        # Each stack entry: a held node that starts a chain, and its parent's engine hash.
+        stack: list[tuple[_Node, int | None]] = []
+        for child in (self._root.children or {}).values():
+            if child.mask & bit:
+                stack.append((child, None))
+        while stack:
+            node, parent_hash = stack.pop()
+            blocks: list[StoredBlock] = []
+            while True:
+                blocks.append(StoredBlock(block_hash=engine_hash[id(node)], tokens_hash=node.key))
+                held = [c for c in (node.children or {}).values() if c.mask & bit]
+                if len(held) == 1:
+                    node = held[0]
+                    continue
+                for c in held:
+                    stack.append((c, engine_hash[id(node)]))
+                break
+            out.append(KvStored(parent_hash=parent_hash, blocks=blocks))
+        return out
+
+    # ------------------------------------------------------------------ mutation internals
+
+    def _slot(self, key: WorkerKey) -> int:
+        slot = self._slots.acquire(key)
+        while len(self._lookup) <= slot:
+            self._lookup.append({})
+        if key not in self._tree_sizes:
+            self._tree_sizes[key] = 0
+            log = self._logs.get(key[0])
+            if log is None:
+                log = self._logs[key[0]] = _WorkerLog()
+            log.dp_ranks.add(key[1])
+        return slot
+
+    def _apply(self, worker_id: int, event: KvCacheEvent) -> None:
+        key = (worker_id, event.dp_rank)
+        data = event.data
+        self.stats.events_applied += 1
+        if isinstance(data, KvStored):
+            self._store(key, data)
+        elif isinstance(data, KvRemoved):
+            self._remove(key, data.block_hashes)
+        elif isinstance(data, KvCleared):
+            slot = self._slots.get(key)
+            if slot is not None:
+                self._clear_slot(key, slot)
+        else:  # pragma: no cover - the union is closed
+            raise TypeError(f"unknown KV event body {type(data).__name__}")
+
+    def _store(self, key: WorkerKey, data: KvStored) -> None:
+        slot = self._slot(key)
+        bit = 1 << slot
+        lookup = self._lookup[slot]
+        if data.parent_hash is None:
+            parent = self._root
+        else:
+            found = lookup.get(data.parent_hash)
+            if found is None or not found.mask & bit:
+                self.stats.orphaned_blocks += len(data.blocks)
+                logger.warning(
+                    "worker %x dp_rank %d stored %d blocks under unknown parent %x; dropped",
+                    key[0],
+                    key[1],
+                    len(data.blocks),
+                    data.parent_hash,
+                )
+                return
+            parent = found
+        added = 0
+        created = 0
+        for block in data.blocks:
+            children = parent.children
+            if children is None:
+                children = parent.children = {}
+            node = children.get(block.tokens_hash)
+            if node is None:
+                node = children[block.tokens_hash] = _Node(parent, block.tokens_hash)
+                created += 1
+            if not node.mask & bit:
+                node.mask |= bit
+                added += 1
+            stale = lookup.get(block.block_hash)
+            lookup[block.block_hash] = node
+            if stale is not None and stale is not node and stale.mask & bit:
+                # The engine reused a block hash for a different block: the old one is gone.
+                stale.mask &= ~bit
+                added -= 1
+                if not stale.mask and stale.children is None:
+                    self._nodes += created
+                    created = 0
+                    self._prune(stale)
+            parent = node
+        self._nodes += created
+        self._tree_sizes[key] += added
+        self.stats.blocks_stored += added
+
+    def _remove(self, key: WorkerKey, block_hashes: Iterable[int]) -> None:
+        slot = self._slots.get(key)
+        if slot is None:
+            self.stats.unknown_removals += sum(1 for _ in block_hashes)
+            return
+        bit = 1 << slot
+        lookup = self._lookup[slot]
+        removed = 0
+        for h in block_hashes:
+            node = lookup.pop(h, None)
+            if node is None or not node.mask & bit:
+                self.stats.unknown_removals += 1
+                continue
+            node.mask &= ~bit
+            removed += 1
+            if not node.mask and node.children is None:
+                self._prune(node)
+        self._tree_sizes[key] -= removed
+        self.stats.blocks_removed += removed
+
+    def _prune(self, node: _Node) -> None:
+        """Unlink a node nobody holds and that has no children, then its emptied ancestors."""
+        root = self._root
+        while node is not root and not node.mask and node.children is None:
+            parent = node.parent
+            assert parent is not None and parent.children is not None
+            del parent.children[node.key]
+            if not parent.children:
+                parent.children = None
+            node.parent = None  # break the cycle so refcounting frees it at once
+            self._nodes -= 1
+            node = parent
+
+    def _clear_slot(self, key: WorkerKey, slot: int) -> None:
+        bit = 1 << slot
+        lookup = self._lookup[slot]
+        removed = 0
+        nodes = list(lookup.values())
+        lookup.clear()
+        for node in nodes:
+            if node.mask & bit:
+                node.mask &= ~bit
+                removed += 1
+        for node in nodes:
+            if not node.mask and node.children is None and node.parent is not None:
+                self._prune(node)
+        self._tree_sizes[key] -= removed
+        self.stats.blocks_removed += removed
+
+    def _clear_worker(self, worker_id: int) -> None:
+        for key in self._slots.keys_of_worker(worker_id):
+            slot = self._slots.get(key)
+            assert slot is not None
+            self._clear_slot(key, slot)
+
+
+__all__ = ["EventGap", "IndexerStats", "KvIndexer", "OverlapScores", "WorkerKey", "iter_bits"]
