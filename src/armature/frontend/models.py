@@ -1,0 +1,198 @@
+"""Which models the frontend serves: model cards watched in discovery, one pipeline per name.
+
+Workers put their ``ModelCard`` under ``v1/mdc/{ns}/{component}/{endpoint}/{instance:x}`` on
+their lease. A model appears with its first card and disappears when its last card goes (the
+worker exited, or its lease expired). Loading a tokenizer takes a moment, so it happens on a
+thread, once per model name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+
+from armature.frontend.preprocess import Preprocessor
+from armature.frontend.tokenizer import ModelTokenizer, TokenizerLoadError
+from armature.protocols.model_card import ModelCard
+from armature.router.push import EndpointClient, PushRouter, RouterMode
+from armature.runtime.discovery.base import KeyValueStore, WatchEventKind
+
+log = logging.getLogger(__name__)
+
+MDC_PREFIX = "v1/mdc/"
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    key: str  # one worker instance's card key
+    card: ModelCard | None  # None: the card was removed
+
+
+class ModelSource(Protocol):
+    """Yields card additions and removals; an add for every card that exists when it starts."""
+
+    def watch(self) -> AsyncIterator[ModelEvent]: ...
+
+
+_json_card = msgspec.json.Decoder(ModelCard)
+_msgpack_card = msgspec.msgpack.Decoder(ModelCard)
+
+
+def decode_card(value: bytes) -> ModelCard:
+    try:
+        return _json_card.decode(value)
+    except msgspec.DecodeError:
+        return _msgpack_card.decode(value)
+
+
+def _namespace_of(key: str) -> str:
+    # v1/mdc/{ns}/{component}/{endpoint}/{instance}
+    parts = key[len(MDC_PREFIX) :].split("/")
+    return parts[0] if parts else ""
+
+
+class DiscoveryModelSource:
+    """Model cards from a ``KeyValueStore`` (mem, file or etcd), optionally for one namespace."""
+
+    def __init__(
+        self, store: KeyValueStore, namespace: str | None = None, namespace_prefix: str | None = None
+    ) -> None:
+        self._store = store
+        self._namespace = namespace
+        self._namespace_prefix = namespace_prefix
+
+    def _wanted(self, key: str) -> bool:
+        ns = _namespace_of(key)
+        if self._namespace_prefix is not None:
+            return ns.startswith(self._namespace_prefix)
+        return self._namespace is None or ns == self._namespace
+
+    async def watch(self) -> AsyncIterator[ModelEvent]:
+        async for ev in self._store.watch_prefix(MDC_PREFIX):
+            if not self._wanted(ev.key):
+                continue
+            if ev.kind is WatchEventKind.DELETE or ev.value is None:
+                yield ModelEvent(ev.key, None)
+                continue
+            try:
+                card = decode_card(ev.value)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("ignoring unreadable model card at %s: %s", ev.key, exc)
+                continue
+            yield ModelEvent(ev.key, card)
+
+
+ClientFactory = Callable[[str], Awaitable[EndpointClient]]
+
+
+@dataclass
+class ServedModel:
+    name: str
+    card: ModelCard
+    preprocessor: Preprocessor
+    router: PushRouter
+    migration_limit: int
+    cards: dict[str, ModelCard] = field(default_factory=dict)  # key -> card, one per instance
+
+    def has_instances(self) -> bool:
+        return bool(self.router.instance_ids())
+
+
+class ModelManager:
+    """Keeps ``name -> ServedModel`` in step with a ``ModelSource``."""
+
+    def __init__(
+        self,
+        client_factory: ClientFactory,
+        router_mode: RouterMode,
+        migration_limit: int = 0,
+        kv_cache_block_size: int | None = None,
+    ) -> None:
+        self._client_factory = client_factory
+        self._router_mode = router_mode
+        self._migration_limit = migration_limit
+        self._block_size = kv_cache_block_size
+        self._models: dict[str, ServedModel] = {}
+        self._name_by_key: dict[str, str] = {}
+        self._clients: dict[str, EndpointClient] = {}
+        self._lock = asyncio.Lock()
+        self.changed = asyncio.Event()
+
+    def get(self, name: str) -> ServedModel | None:
+        return self._models.get(name)
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def any_serving(self) -> bool:
+        return any(m.has_instances() for m in self._models.values())
+
+    async def run(self, source: ModelSource) -> None:
+        async for event in source.watch():
+            try:
+                await self.apply(event)
+            except Exception:  # one bad card must not stop the watcher
+                log.exception("failed to apply model event for %s", event.key)
+
+    async def apply(self, event: ModelEvent) -> None:
+        async with self._lock:
+            if event.card is None:
+                self._remove(event.key)
+            else:
+                await self._add(event.key, event.card)
+            self.changed.set()
+            self.changed = asyncio.Event()
+
+    async def _add(self, key: str, card: ModelCard) -> None:
+        if self._block_size is not None:
+            card = msgspec.structs.replace(card, kv_cache_block_size=self._block_size)
+        model = self._models.get(card.name)
+        if model is not None:
+            if card.tokenizer_path != model.card.tokenizer_path or card.chat_template != model.card.chat_template:
+                log.warning(
+                    "instance %s registers model %r with a different tokenizer or template; "
+                    "keeping the first one's",
+                    key,
+                    card.name,
+                )
+            model.cards[key] = card
+            self._name_by_key[key] = card.name
+            return
+        try:
+            tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, card.tokenizer_path, card.chat_template)
+        except TokenizerLoadError as exc:
+            log.error("cannot serve model %r: %s", card.name, exc)
+            return
+        client = self._clients.get(card.endpoint)
+        if client is None:
+            client = await self._client_factory(card.endpoint)
+            self._clients[card.endpoint] = client
+        limit = self._migration_limit if self._migration_limit > 0 else card.migration_limit
+        model = ServedModel(
+            name=card.name,
+            card=card,
+            preprocessor=Preprocessor(card, tokenizer),
+            router=PushRouter(client, self._router_mode),
+            migration_limit=limit,
+        )
+        model.cards[key] = card
+        self._models[card.name] = model
+        self._name_by_key[key] = card.name
+        log.info("serving model %r from %s (context %d)", card.name, card.endpoint, card.context_length)
+
+    def _remove(self, key: str) -> None:
+        name = self._name_by_key.pop(key, None)
+        if name is None:
+            return
+        model = self._models.get(name)
+        if model is None:
+            return
+        model.cards.pop(key, None)
+        if not model.cards:
+            del self._models[name]
+            log.info("model %r has no workers left; removed", name)

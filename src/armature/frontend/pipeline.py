@@ -1,0 +1,166 @@
+"""One request's way through the frontend after preprocessing: route, stream, postprocess.
+
+Each choice (``n`` > 1, or a batch of completion prompts) is its own worker request with its own
+child context. The pipeline merges their deltas, records the request's metrics, and on any exit
+— finished, failed, or the client gone — kills whatever is still running so the workers abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from armature.frontend.metrics import FrontendMetrics
+from armature.frontend.migration import MigratingStream
+from armature.frontend.models import ServedModel
+from armature.frontend.postprocess import ChoiceDelta, ChoicePostprocessor, EngineStreamError
+from armature.frontend.preprocess import PreparedChoice, PreparedRequest
+from armature.runtime.context import Context
+
+
+@dataclass
+class ChoiceRun:
+    index: int
+    prepared: PreparedChoice
+    post: ChoicePostprocessor
+    context: Context
+    stream: MigratingStream
+
+
+class RequestPipeline:
+    def __init__(
+        self,
+        model: ServedModel,
+        prepared: PreparedRequest,
+        metrics: FrontendMetrics,
+        context: Context,
+        started_at: float,
+        keep_text: bool,
+    ) -> None:
+        self.model = model
+        self.prepared = prepared
+        self.metrics = metrics
+        self.context = context
+        self.started_at = started_at
+        tok = model.preprocessor.tokenizer.tokenizer
+        self.runs: list[ChoiceRun] = []
+        for choice in prepared.choices:
+            ctx = context.child()
+            post = ChoicePostprocessor(
+                tok,
+                choice.prompt.token_ids,
+                prepared.stop,
+                prepared.min_tokens,
+                prepared.hidden_stop_ids,
+                prepared.skip_special_tokens,
+                prepared.logprobs is not None,
+                keep_text=keep_text,
+            )
+            stream = MigratingStream(model.router, choice.request, ctx, model.migration_limit, metrics)
+            self.runs.append(ChoiceRun(choice.index, choice, post, ctx, stream))
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+
+    async def open(self) -> None:
+        """Route every choice; raises before any output (e.g. no instances) so HTTP can say 503."""
+        for run in self.runs:
+            await run.stream.open()
+
+    def cancel(self) -> None:
+        self.context.kill()
+
+    # ------------------------------------------------------------------ usage
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prepared.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.post.completion_tokens for r in self.runs)
+
+    @property
+    def cached_tokens(self) -> int:
+        seen: dict[int, int] = {}
+        for r in self.runs:
+            key = id(r.prepared.prompt)
+            seen[key] = max(seen.get(key, 0), r.post.cached_tokens)
+        return sum(seen.values())
+
+    # ------------------------------------------------------------------ streaming
+
+    def _observe(self, delta_tokens: int) -> None:
+        if delta_tokens <= 0:
+            return
+        now = time.monotonic()
+        name = self.model.name
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self.metrics.ttft.labels(name).observe(now - self.started_at)
+        elif self._last_token_at is not None:
+            # Tokens that arrive together share the gap since the previous ones.
+            self.metrics.itl.labels(name).observe((now - self._last_token_at) / delta_tokens)
+        self._last_token_at = now
+
+    async def _run_one(self, run: ChoiceRun) -> AsyncIterator[ChoiceDelta]:
+        saw_finish = False
+        try:
+            async for out in run.stream:
+                before = run.post.completion_tokens
+                delta = run.post.process(out)
+                self._observe(run.post.completion_tokens - before)
+                if delta is not None:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        saw_finish = True
+                        if delta.stopped_early:
+                            run.context.kill()
+                        return
+            if not saw_finish:
+                raise EngineStreamError("the worker's stream ended before the sequence finished")
+        finally:
+            if not saw_finish:
+                run.context.kill()
+
+    async def deltas(self) -> AsyncIterator[tuple[ChoiceRun, ChoiceDelta]]:
+        if len(self.runs) == 1:
+            run = self.runs[0]
+            async for delta in self._run_one(run):
+                yield run, delta
+            return
+        queue: asyncio.Queue[tuple[ChoiceRun, ChoiceDelta] | BaseException | None] = asyncio.Queue()
+
+        async def pump(run: ChoiceRun) -> None:
+            try:
+                async for delta in self._run_one(run):
+                    queue.put_nowait((run, delta))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+                queue.put_nowait(exc)
+                return
+            queue.put_nowait(None)
+
+        tasks = [asyncio.ensure_future(pump(run)) for run in self.runs]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.cancel()
+
+    def record_end(self, ok: bool, endpoint: str, streaming: bool) -> None:
+        name = self.model.name
+        m = self.metrics
+        m.requests.labels(name, endpoint, "stream" if streaming else "unary", "success" if ok else "error").inc()
+        m.isl.labels(name).observe(self.prompt_tokens)
+        m.osl.labels(name).observe(self.completion_tokens)
+        m.duration.labels(name).observe(time.monotonic() - self.started_at)

@@ -1,0 +1,226 @@
+"""Build OpenAI responses and SSE chunks from a running ``RequestPipeline``.
+
+Streaming keeps one chunk skeleton per choice and only swaps the delta text (and logprobs) before
+encoding it with msgspec: nothing per token builds a dict or a pydantic model.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from armature.frontend.detokenize import TokenTextCache
+from armature.frontend.openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobEntry,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    PromptTokensDetails,
+    ResponseMessage,
+    TopLogprobEntry,
+    Usage,
+    json_encoder,
+)
+from armature.frontend.pipeline import ChoiceRun, RequestPipeline
+from armature.frontend.postprocess import TokenLogprob
+from armature.frontend.sse import DONE, frame
+from armature.protocols.llm import TopLogprob
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_of(p: RequestPipeline) -> Usage:
+    prompt, completion = p.prompt_tokens, p.completion_tokens
+    return Usage(prompt, completion, prompt + completion, PromptTokensDetails(p.cached_tokens))
+
+
+def _chat_logprobs(texts: TokenTextCache, lps: list[TokenLogprob]) -> ChatLogprobs:
+    entries = []
+    for lp in lps:
+        top = [TopLogprobEntry(texts.text(t.token_id), t.logprob, texts.bytes(t.token_id)) for t in (lp.top or ())]
+        entries.append(ChatLogprobEntry(texts.text(lp.token_id), lp.logprob, texts.bytes(lp.token_id), top))
+    return ChatLogprobs(entries)
+
+
+def _top_dict(texts: TokenTextCache, top: list[TopLogprob] | None) -> dict[str, float] | None:
+    if top is None:
+        return None
+    return {texts.text(t.token_id): t.logprob for t in top}
+
+
+class _CompletionLogprobBuilder:
+    """Accumulates the legacy completions logprobs arrays, with text offsets into the choice's text."""
+
+    def __init__(self, texts: TokenTextCache) -> None:
+        self.texts = texts
+        self.offset = 0
+
+    def build(
+        self,
+        ids: list[int],
+        lps: list[float | None],
+        tops: list[list[TopLogprob] | None],
+    ) -> CompletionLogprobs:
+        tokens, offsets = [], []
+        for tid in ids:
+            text = self.texts.text(tid)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+        top = [_top_dict(self.texts, t) for t in tops]
+        return CompletionLogprobs(tokens, lps, top, offsets)
+
+    def prompt(self, run: ChoiceRun) -> CompletionLogprobs:
+        ids = run.prepared.prompt.token_ids
+        plps = run.post.prompt_logprobs or [None] * len(ids)
+        ptop = run.post.prompt_top_logprobs
+        tops: list[list[TopLogprob] | None] = [
+            (ptop[i] if ptop is not None and i < len(ptop) and i > 0 else None) for i in range(len(ids))
+        ]
+        lps = [plps[i] if i < len(plps) else None for i in range(len(ids))]
+        return self.build(ids, lps, tops)
+
+    def generated(self, lps: list[TokenLogprob]) -> CompletionLogprobs:
+        return self.build([lp.token_id for lp in lps], [lp.logprob for lp in lps], [lp.top for lp in lps])
+
+
+# ---------------------------------------------------------------- chat
+
+
+async def chat_stream(p: RequestPipeline, include_usage: bool, continuous_usage: bool) -> AsyncIterator[bytes]:
+    rid, created, model = new_id("chatcmpl"), int(time.time()), p.model.name
+    texts = TokenTextCache(p.model.preprocessor.tokenizer.tokenizer) if p.prepared.logprobs is not None else None
+    skeletons: dict[int, ChatCompletionChunk] = {}
+    for run in p.runs:
+        choice = ChatChunkChoice(run.index, ChatDelta(role="assistant", content=""))
+        chunk = ChatCompletionChunk(rid, "chat.completion.chunk", created, model, [choice])
+        if continuous_usage:
+            chunk.usage = usage_of(p)
+        yield frame(json_encoder.encode(chunk))
+        choice.delta = ChatDelta()
+        skeletons[run.index] = chunk
+    async for run, delta in p.deltas():
+        chunk = skeletons[run.index]
+        choice = chunk.choices[0]
+        choice.delta.content = delta.text if (delta.text or delta.finish_reason is None) else None
+        choice.finish_reason = delta.finish_reason
+        choice.logprobs = _chat_logprobs(texts, delta.logprobs) if (texts and delta.logprobs) else None
+        if continuous_usage:
+            chunk.usage = usage_of(p)
+        yield frame(json_encoder.encode(chunk))
+    if include_usage:
+        final = ChatCompletionChunk(rid, "chat.completion.chunk", created, model, [], usage_of(p))
+        yield frame(json_encoder.encode(final))
+    yield DONE
+
+
+async def chat_aggregate(p: RequestPipeline) -> bytes:
+    texts = TokenTextCache(p.model.preprocessor.tokenizer.tokenizer) if p.prepared.logprobs is not None else None
+    lps: dict[int, list[TokenLogprob]] = {r.index: [] for r in p.runs}
+    async for run, delta in p.deltas():
+        if delta.logprobs:
+            lps[run.index].extend(delta.logprobs)
+    choices = []
+    for run in p.runs:
+        text = "".join(run.post.text_parts or [])
+        logprobs = _chat_logprobs(texts, lps[run.index]) if texts is not None else None
+        choices.append(ChatChoice(run.index, ResponseMessage("assistant", text), logprobs, run.post.finish_reason))
+    body = ChatCompletion(new_id("chatcmpl"), "chat.completion", int(time.time()), p.model.name, choices, usage_of(p))
+    return json_encoder.encode(body)
+
+
+# ---------------------------------------------------------------- completions
+
+
+def _echo_text(run: ChoiceRun, p: RequestPipeline) -> str:
+    prompt = run.prepared.prompt
+    if prompt.text is not None:
+        return prompt.text
+    return p.model.preprocessor.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+
+
+async def completion_stream(
+    p: RequestPipeline, include_usage: bool, continuous_usage: bool
+) -> AsyncIterator[bytes]:
+    rid, created, model = new_id("cmpl"), int(time.time()), p.model.name
+    want_lp = p.prepared.logprobs is not None
+    texts = TokenTextCache(p.model.preprocessor.tokenizer.tokenizer) if want_lp else None
+    builders = {r.index: _CompletionLogprobBuilder(texts) for r in p.runs} if texts else {}
+    skeletons = {
+        r.index: CompletionChunk(rid, "text_completion", created, model, [CompletionChoice(r.index, "")])
+        for r in p.runs
+    }
+    echoed: set[int] = set()
+    async for run, delta in p.deltas():
+        chunk = skeletons[run.index]
+        choice = chunk.choices[0]
+        text = delta.text
+        logprobs = builders[run.index].generated(delta.logprobs or []) if builders else None
+        if p.prepared.echo and run.index not in echoed:
+            echoed.add(run.index)
+            prefix = _echo_text(run, p)
+            if builders:
+                # Prompt logprobs arrive with the first output, so the echo goes out with it.
+                b = builders[run.index]
+                gen = delta.logprobs or []
+                b.offset = 0
+                plp = b.prompt(run)
+                glp = b.generated(gen)
+                logprobs = CompletionLogprobs(
+                    plp.tokens + glp.tokens,
+                    plp.token_logprobs + glp.token_logprobs,
+                    plp.top_logprobs + glp.top_logprobs,
+                    plp.text_offset + glp.text_offset,
+                )
+            text = prefix + text
+        choice.text = text
+        choice.finish_reason = delta.finish_reason
+        choice.logprobs = logprobs
+        if continuous_usage:
+            chunk.usage = usage_of(p)
+        yield frame(json_encoder.encode(chunk))
+    if include_usage:
+        final = CompletionChunk(rid, "text_completion", created, model, [], usage_of(p))
+        yield frame(json_encoder.encode(final))
+    yield DONE
+
+
+async def completion_aggregate(p: RequestPipeline) -> bytes:
+    want_lp = p.prepared.logprobs is not None
+    lps: dict[int, list[TokenLogprob]] = {r.index: [] for r in p.runs}
+    async for run, delta in p.deltas():
+        if delta.logprobs:
+            lps[run.index].extend(delta.logprobs)
+    texts = TokenTextCache(p.model.preprocessor.tokenizer.tokenizer) if want_lp else None
+    choices = []
+    for run in p.runs:
+        text = "".join(run.post.text_parts or [])
+        logprobs = None
+        if texts is not None:
+            b = _CompletionLogprobBuilder(texts)
+            gen = b.generated(lps[run.index]) if not p.prepared.echo else None
+            if p.prepared.echo:
+                plp = b.prompt(run)
+                glp = b.generated(lps[run.index])
+                gen = CompletionLogprobs(
+                    plp.tokens + glp.tokens,
+                    plp.token_logprobs + glp.token_logprobs,
+                    plp.top_logprobs + glp.top_logprobs,
+                    plp.text_offset + glp.text_offset,
+                )
+            logprobs = gen
+        if p.prepared.echo:
+            text = _echo_text(run, p) + text
+        choices.append(CompletionChoice(run.index, text, logprobs, run.post.finish_reason))
+    body = Completion(new_id("cmpl"), "text_completion", int(time.time()), p.model.name, choices, usage_of(p))
+    return json_encoder.encode(body)

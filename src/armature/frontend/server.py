@@ -1,0 +1,342 @@
+"""The OpenAI-compatible HTTP service: routes, limits, auth, health, metrics, OpenAPI.
+
+``Frontend`` is built from a ``ModelSource`` (where model cards come from) and a client factory
+(how to reach an endpoint), so the standalone ``python -m armature.frontend`` and the embedded
+``armature serve`` (frontend and worker in one process, in-memory discovery) share all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from armature.frontend.errors import ApiError, from_decode_error
+from armature.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from armature.frontend.models import ClientFactory, ModelManager, ModelSource, ServedModel
+from armature.frontend.openapi import openapi_document
+from armature.frontend.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
+    ModelObject,
+    chat_request_decoder,
+    completion_request_decoder,
+    json_encoder,
+)
+from armature.frontend.pipeline import RequestPipeline
+from armature.frontend.postprocess import EngineStreamError
+from armature.frontend.response import chat_aggregate, chat_stream, completion_aggregate, completion_stream
+from armature.frontend.sse import DisconnectWatch, StreamResponse, frame
+from armature.router.push import DirectTargetError, NoInstancesError, RouterMode
+from armature.runtime.context import Context
+from armature.runtime.request_plane.base import RequestPlaneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BODY_LIMIT = 16 * 1024 * 1024
+
+
+@dataclass
+class FrontendConfig:
+    router_mode: RouterMode = RouterMode.ROUND_ROBIN
+    migration_limit: int = 0
+    kv_cache_block_size: int | None = None
+    api_key: str | None = None
+    body_limit_bytes: int = DEFAULT_BODY_LIMIT
+
+
+class _JsonBytes(Response):
+    media_type = "application/json"
+
+
+def _error_response(err: ApiError) -> Response:
+    return _JsonBytes(err.body(), status_code=err.status)
+
+
+def _stream_error(err: ApiError) -> bytes:
+    return frame(err.body())
+
+
+def _engine_failure(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, NoInstancesError):
+        return ApiError(503, str(exc), code="no_workers")
+    if isinstance(exc, DirectTargetError):
+        return ApiError(400, str(exc), param="nvext.backend_instance_id")
+    if isinstance(exc, RequestPlaneError):
+        if exc.kind == "invalid_request":
+            return ApiError(400, f"the worker rejected the request: {exc.message}")
+        return ApiError(503, f"the worker failed: {exc}", code=exc.kind)
+    if isinstance(exc, EngineStreamError):
+        return ApiError(500, f"the worker failed the request: {exc}", code="engine_error")
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+class Frontend:
+    def __init__(
+        self,
+        source: ModelSource,
+        client_factory: ClientFactory,
+        config: FrontendConfig | None = None,
+        metrics: FrontendMetrics | None = None,
+    ) -> None:
+        self.config = config or FrontendConfig()
+        if self.config.router_mode is RouterMode.KV:
+            raise ValueError(
+                "--router-mode kv is not available yet in this build; use round-robin, random or direct"
+            )
+        self.metrics = metrics or FrontendMetrics()
+        self.models = ModelManager(
+            client_factory,
+            self.config.router_mode,
+            self.config.migration_limit,
+            self.config.kv_cache_block_size,
+        )
+        self._source = source
+        self._watch_task: asyncio.Task[None] | None = None
+        self.draining = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.app = self._build_app()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._watch_task is None:
+            self._watch_task = asyncio.ensure_future(self.models.run(self._source))
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            try:
+                await self._watch_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
+            self._watch_task = None
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests (503, /health unhealthy) and wait for in-flight ones."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("%d requests still running after %.1f s of draining", self._inflight, timeout_s)
+
+    async def wait_for_model(self, name: str | None = None, timeout_s: float = 30.0) -> None:
+        """Wait until a model (any, when ``name`` is None) is served by a live instance."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if name is None and self.models.any_serving():
+                return
+            m = self.models.get(name) if name is not None else None
+            if m is not None and m.has_instances():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no worker serves {name or 'any model'} after {timeout_s} s")
+            await asyncio.sleep(min(0.05, left))
+
+    # ---------------------------------------------------------------- app
+
+    def _build_app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._completions, methods=["POST"]),
+            Route("/v1/models", self._list_models, methods=["GET"]),
+            Route("/health", self._health, methods=["GET"]),
+            Route("/live", self._live, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+            Route("/openapi.json", self._openapi, methods=["GET"]),
+        ]
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
+            return _error_response(ApiError(exc.status_code, str(exc.detail)))
+
+        async def api_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, ApiError)
+            return _error_response(exc)
+
+        async def internal_error(request: Request, exc: Exception) -> Response:
+            log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+            return _error_response(_engine_failure(exc))
+
+        return Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: http_error, ApiError: api_error, Exception: internal_error},
+        )
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_auth(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.body_limit_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError as exc:
+                raise ApiError(400, "invalid Content-Length header") from exc
+            if size > limit:
+                # Answer before reading: a huge body is never pulled into memory.
+                raise ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes", code=413)
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _model(self, name: str) -> ServedModel:
+        if self.draining:
+            raise ApiError(503, "the frontend is shutting down", code="draining")
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(m.name for m in self.models.models())) or "none"
+            raise ApiError(404, f"model '{name}' not found (served: {known})", param="model", code="model_not_found")
+        if not model.has_instances():
+            raise ApiError(503, f"no worker is serving model '{name}' right now", code="no_workers")
+        return model
+
+    def _enter(self, model: str) -> None:
+        self._inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.labels(model).inc()
+
+    def _leave(self, model: str) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+        self.metrics.inflight.labels(model).dec()
+
+    # ---------------------------------------------------------------- OpenAI routes
+
+    async def _chat(self, request: Request) -> Any:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: Request) -> Any:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, chat: bool) -> Any:
+        started = time.monotonic()
+        self._check_auth(request)
+        body = await self._read_body(request)
+        decoder = chat_request_decoder if chat else completion_request_decoder
+        try:
+            req: ChatCompletionRequest | CompletionRequest = decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise from_decode_error(exc) from None
+        model = self._model(req.model)
+        pre = model.preprocessor
+        if isinstance(req, ChatCompletionRequest):
+            prepared = await pre.chat(req)
+        else:
+            prepared = await pre.completion(req)
+        endpoint = "chat_completions" if chat else "completions"
+        context = Context()
+        pipeline = RequestPipeline(model, prepared, self.metrics, context, started, keep_text=not req.stream)
+        self._enter(model.name)
+        try:
+            await pipeline.open()
+        except BaseException as exc:
+            pipeline.cancel()
+            self._leave(model.name)
+            pipeline.record_end(False, endpoint, req.stream)
+            raise _engine_failure(exc) from exc
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(opts and opts.continuous_usage_stats)
+        if req.stream:
+            gen = (chat_stream if chat else completion_stream)(pipeline, include_usage, continuous)
+            return StreamResponse(self._guard_stream(pipeline, gen, endpoint), on_disconnect=pipeline.cancel)
+        ok = False
+        try:
+            async with DisconnectWatch(request.receive):
+                payload = await (chat_aggregate if chat else completion_aggregate)(pipeline)
+            ok = True
+            return _JsonBytes(payload)
+        except asyncio.CancelledError:
+            pipeline.cancel()
+            self.metrics.disconnects.labels(model.name).inc()
+            raise
+        except Exception as exc:
+            raise _engine_failure(exc) from exc
+        finally:
+            pipeline.cancel()
+            self._leave(model.name)
+            pipeline.record_end(ok, endpoint, False)
+
+    async def _guard_stream(self, pipeline: RequestPipeline, gen: Any, endpoint: str) -> Any:
+        ok = False
+        try:
+            async for chunk in gen:
+                yield chunk
+            ok = True
+        except asyncio.CancelledError:
+            self.metrics.disconnects.labels(pipeline.model.name).inc()
+            raise
+        except Exception as exc:  # after the 200 header: report in-band, as OpenAI does
+            err = _engine_failure(exc)
+            if err.status >= 500:
+                log.error("stream for %s failed: %s", pipeline.model.name, exc)
+            yield _stream_error(err)
+        finally:
+            pipeline.cancel()
+            await gen.aclose()
+            self._leave(pipeline.model.name)
+            pipeline.record_end(ok, endpoint, True)
+
+    # ---------------------------------------------------------------- other routes
+
+    async def _list_models(self, request: Request) -> Response:
+        self._check_auth(request)
+        data = [
+            ModelObject(m.name, "model", 0, "armature") for m in sorted(self.models.models(), key=lambda m: m.name)
+        ]
+        return _JsonBytes(json_encoder.encode(ModelList("list", data)))
+
+    async def _health(self, request: Request) -> Response:
+        models = self.models.models()
+        serving = [m for m in models if m.has_instances()]
+        status = "draining" if self.draining else ("healthy" if serving else "unhealthy")
+        body = {
+            "status": status,
+            "models": sorted(m.name for m in serving),
+            "endpoints": sorted({f"dyn://{m.card.endpoint}" for m in serving}),
+            "instances": sorted({f"{i:x}" for m in serving for i in m.router.instance_ids()}),
+        }
+        return JSONResponse(body, status_code=200 if status == "healthy" else 503)
+
+    async def _live(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return JSONResponse({"status": "live"})
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def _openapi(self, request: Request) -> Response:
+        return _JsonBytes(openapi_document())
