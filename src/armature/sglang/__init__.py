@@ -1,0 +1,1 @@
+"""The SGLang-style worker (Dynamo's components/src/dynamo/sglang): args, engines, handlers, publisher."""

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from armature.protocols.model_card import ModelType
+from armature.runtime.discovery.factory import discovery_backend_name
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class DynamoConfig:
 
     namespace: str = DEFAULT_NAMESPACE
     endpoint: str | None = None
-    discovery_backend: str = "etcd"
+    discovery_backend: str = "mem"
     request_plane: str = "tcp"
     event_plane: str = "zmq"
     dyn_tool_call_parser: str | None = None
@@ -227,6 +228,14 @@ def add_env_flag(
     )
 
 
+def default_discovery_backend() -> str:
+    """The runtime's own default (ARMATURE_/DYN_DISCOVERY_BACKEND, else mem); bad env is reported later."""
+    try:
+        return discovery_backend_name()
+    except ValueError:
+        return "mem"
+
+
 def build_dynamo_parser(
     *, add_help: bool = True, prog: str = "python -m armature.sglang"
 ) -> argparse.ArgumentParser:
@@ -241,7 +250,7 @@ def build_dynamo_parser(
                  help="namespace of the served endpoint")
     add_env_flag(runtime, "--endpoint", env="DYN_ENDPOINT", default=None,
                  help="dyn://namespace.component.endpoint; inferred from the worker kind when unset")
-    add_env_flag(runtime, "--discovery-backend", env="DYN_DISCOVERY_BACKEND", default="etcd",
+    add_env_flag(runtime, "--discovery-backend", env="DYN_DISCOVERY_BACKEND", default=default_discovery_backend(),
                  choices=DISCOVERY_CHOICES, help="discovery store (file root: DYN_FILE_KV)")
     add_env_flag(runtime, "--request-plane", env="DYN_REQUEST_PLANE", default="tcp",
                  choices=REQUEST_PLANE_CHOICES, help="transport for requests")
@@ -508,12 +517,7 @@ def resolve_model_path(model_path: str) -> str:
 # --- the pipeline ---------------------------------------------------------------------------
 
 
-def parse_args(
-    argv: Sequence[str],
-    *,
-    prog: str = "python -m armature.sglang",
-    resolve_model: Callable[[str], str] = resolve_model_path,
-) -> WorkerConfig:
+def parse_args(argv: Sequence[str], *, prog: str = "python -m armature.sglang") -> WorkerConfig:
     """Parse a worker command line into a ``WorkerConfig``.
 
     Raises ``ConfigError`` for invalid combinations and ``SystemExit`` (argparse) for unknown or
@@ -571,7 +575,7 @@ def parse_args(
         "prefill": ServingMode.PREFILL,
         "decode": ServingMode.DECODE,
     }.get(server.disaggregation_mode, ServingMode.AGGREGATED)
-    resolved = resolve_model(server.model_path)
+    resolved = resolve_model_path(server.model_path)
     config = WorkerConfig(
         server=server,
         dynamo=dynamo,

@@ -98,6 +98,24 @@ class KvEventConverter:
         return KvStored(parent_hash=ev.parent_block_hash, blocks=blocks)
 
 
+def engine_binds(endpoint: str) -> bool:
+    """SGLang's rule: the engine's PUB binds wildcard and ipc/inproc endpoints, else connects."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    return any(w in endpoint for w in ("*", "::", "0.0.0.0"))
+
+
+def local_address(endpoint: str) -> str:
+    """Where a SUB on this host reaches a PUB bound to a wildcard endpoint."""
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if endpoint.startswith(wildcard):
+            return "tcp://127.0.0.1:" + endpoint[len(wildcard):]
+    for wildcard in ("tcp://[::]:", "tcp://:::"):
+        if endpoint.startswith(wildcard):
+            return "tcp://[::1]:" + endpoint[len(wildcard):]
+    return endpoint
+
+
 def encode_router_event(event: RouterEvent) -> bytes:
     return _encoder.encode(event)
 
@@ -218,7 +236,11 @@ class WorkerPublisher:
         sock = self._zmq.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(endpoint)
+        if engine_binds(endpoint):
+            sock.connect(local_address(endpoint))
+        else:
+            # The engine connects to a non-wildcard address: someone must bind it, and it is us.
+            sock.bind(endpoint)
         log.info("relaying KV events from %s", endpoint)
         last_seq: int | None = None
         try:

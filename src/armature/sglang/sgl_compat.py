@@ -381,11 +381,10 @@ async def _aiter_guarded(stream: Any) -> AsyncIterator[dict[str, Any]]:
 
 
 def _local_kv_events_endpoint(config: str | None) -> str | None:
-    """Where to SUBscribe to SGLang's KV events: its bind address with ``*`` made local."""
+    """SGLang's KV-event endpoint as configured (the relay decides whether to bind or connect)."""
     if not config:
         return None
     cfg = json.loads(config)
     if cfg.get("publisher", "null") == "null":
         return None
-    endpoint = str(cfg.get("endpoint") or "")
-    return endpoint.replace("*", "127.0.0.1") or None
+    return str(cfg.get("endpoint") or "") or None

@@ -1,0 +1,1 @@
+"""Request handlers of the worker: decode/aggregated (and later prefill)."""
