@@ -297,6 +297,11 @@ class TcpServer(ServerTransport):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def connection_count(self) -> int:
+        """Callers connected right now (each pools one connection per server)."""
+        return len(self._connections)
+
     async def close(self) -> None:
         if self._server is None:
             return
