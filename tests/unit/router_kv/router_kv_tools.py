@@ -52,9 +52,28 @@ class SimWorker:
     def evict_tail(self, toks: list[int], n: int) -> list[RouterEvent]:
         seq = compute_sequence_block_hashes(toks, BS)
         gone = [h for h in reversed(seq[-n:]) if h in self.held]
+        if not gone:
+            return []
         self.held.difference_update(gone)
         return [self.local.record(KvRemoved(block_hashes=gone), self.dp_rank)]
 
     def clear(self) -> list[RouterEvent]:
         self.held.clear()
         return [self.local.record(KvCleared(), self.dp_rank)]
+
+
+def held_paths(events: list[RouterEvent]) -> set[tuple[int, int, tuple[int, ...]]]:
+    """(worker, dp_rank, path of local hashes) of every block in a dump: comparable across
+    routers and workers whatever the event ids or the grouping of blocks into events."""
+    out: set[tuple[int, int, tuple[int, ...]]] = set()
+    path_of: dict[tuple[int, int, int], tuple[int, ...]] = {}
+    for ev in events:
+        data = ev.event.data
+        assert isinstance(data, KvStored), "a dump holds stores only"
+        key = (ev.worker_id, ev.event.dp_rank)
+        path = () if data.parent_hash is None else path_of[(*key, data.parent_hash)]
+        for b in data.blocks:
+            path = path + (b.tokens_hash,)
+            path_of[(*key, b.block_hash)] = path
+            out.add((*key, path))
+    return out

@@ -123,6 +123,7 @@ class KvRouter:
         self._departed: deque[int] = deque(maxlen=4096)
         self._departed_set: set[int] = set()
         self._recoveries: dict[int, asyncio.Task[None]] = {}
+        self._gaps_reported = 0
 
     # ------------------------------------------------------------------ workers
 
@@ -184,15 +185,25 @@ class KvRouter:
             kind = "stored" if isinstance(data, KvStored) else "removed" if isinstance(data, KvRemoved) else "cleared"
             self.metrics.event_types[kind].inc()
         gap = self.indexer.apply_event(event)
-        if gap is not None and self.metrics is not None:
-            self.metrics.kv_event_gaps.inc()
+        if gap is not None:
+            self._report_gaps()
         return gap
+
+    def _report_gaps(self) -> None:
+        # Gaps also open while buffered events drain after a recovery; count them all.
+        assert self.indexer is not None
+        new = self.indexer.stats.gaps - self._gaps_reported
+        if new and self.metrics is not None:
+            self.metrics.kv_event_gaps.inc(new)
+        self._gaps_reported += new
 
     async def on_event(self, event: RouterEvent) -> None:
         """Apply one event; a gap starts a recovery from the worker's local indexer."""
-        gap = self.apply_event(event)
-        if gap is not None and self.gap_handler is not None:
-            wid = gap.worker_id
+        self.apply_event(event)
+        # Check the open gap, not just this event's result: the gap may have opened through
+        # ``apply_event`` alone, with no recovery started yet.
+        wid = event.worker_id
+        if self.gap_handler is not None and self.indexer.open_gap(wid) is not None:  # type: ignore[union-attr]
             running = self._recoveries.get(wid)
             if running is None or running.done():
                 self._recoveries[wid] = asyncio.create_task(self._recover(wid), name=f"kv-recover-{wid:x}")
@@ -224,6 +235,7 @@ class KvRouter:
                 continue
             if reply.complete:
                 remaining = indexer.fill_gap(worker_id, reply.events)
+                self._report_gaps()
                 if remaining is None or remaining != gap:
                     self._count_recovery("range", "ok")
                     logger.info("recovered events %d..%d of worker %x", gap.first, gap.last, worker_id)
@@ -242,10 +254,12 @@ class KvRouter:
             self._count_recovery("snapshot", "error")
             gap = self.indexer.open_gap(worker_id)
             self.indexer.load_worker_snapshot(worker_id, [], gap.last if gap is not None else None)
+            self._report_gaps()
             return
         if worker_id not in self._workers and worker_id in self._departed_set:
             return
         self.indexer.load_worker_snapshot(worker_id, snap.events, snap.last_event_id)
+        self._report_gaps()
         self._count_recovery("snapshot", "ok")
         logger.info(
             "loaded KV snapshot of worker %x: %d events up to event %s",
