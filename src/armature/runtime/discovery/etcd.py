@@ -192,7 +192,8 @@ class EtcdStore(KeyValueStore):
         while True:
             await asyncio.sleep(backoff if outage else interval)
             try:
-                ttl = await asyncio.wait_for(self._keep_alive_once(lease.etcd_id), timeout=interval)
+                async with asyncio.timeout(interval):  # not wait_for: it can swallow a cancel on 3.11
+                    ttl = await self._keep_alive_once(lease.etcd_id)
                 if ttl <= 0:
                     await self._regrant(lease)
                 if outage:

@@ -270,8 +270,11 @@ class FileStore(KeyValueStore):
 
     async def _poll_loop(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands
+            # as the wake-up fires, and close() would wait on this task forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 async with self._scan_lock:
