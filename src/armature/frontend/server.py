@@ -214,6 +214,8 @@ class Frontend:
         if self.draining:
             raise ApiError(503, "the frontend is shutting down", code="draining")
         model = self.models.get(name)
+        if model is None and not self.models.models():
+            raise ApiError(503, "no worker is serving any model right now; retry later", code="no_workers")
         if model is None:
             known = ", ".join(sorted(m.name for m in self.models.models())) or "none"
             raise ApiError(404, f"model '{name}' not found (served: {known})", param="model", code="model_not_found")

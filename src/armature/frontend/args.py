@@ -1,0 +1,151 @@
+"""``python -m armature.frontend`` flags, named as ``dynamo.frontend``'s, each with its env var.
+
+Every flag's default comes from ``ARMATURE_<NAME>`` or Dynamo's ``DYN_<NAME>`` (the Armature name
+wins when both are set); a flag on the command line wins over both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from armature.frontend.server import DEFAULT_BODY_LIMIT, FrontendConfig
+from armature.router.push import RouterMode
+from armature.runtime.runtime import RuntimeSettings
+
+
+class FrontendArgsError(ValueError):
+    """Flags that cannot work together, or a value out of range."""
+
+
+def _env(env: Mapping[str, str], name: str) -> str | None:
+    for key in (f"ARMATURE_{name}", f"DYN_{name}"):
+        value = env.get(key)
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
+@dataclass
+class FrontendArgs:
+    http_host: str
+    http_port: int
+    namespace: str | None
+    namespace_prefix: str | None
+    router_mode: RouterMode
+    kv_cache_block_size: int | None
+    migration_limit: int
+    tls_cert_path: str | None
+    tls_key_path: str | None
+    api_key: str | None
+    metrics_prefix: str
+    body_limit_bytes: int
+    graceful_shutdown_timeout_s: float
+    log_level: str
+    runtime: RuntimeSettings
+
+    def frontend_config(self) -> FrontendConfig:
+        return FrontendConfig(
+            router_mode=self.router_mode,
+            migration_limit=self.migration_limit,
+            kv_cache_block_size=self.kv_cache_block_size,
+            api_key=self.api_key,
+            body_limit_bytes=self.body_limit_bytes,
+        )
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    def d(name: str, default: Any = None) -> Any:
+        value = _env(env, name)
+        return default if value is None else value
+
+    p = argparse.ArgumentParser(
+        prog="python -m armature.frontend",
+        description="OpenAI-compatible HTTP frontend: discovers workers' model cards and routes requests to them.",
+    )
+    p.add_argument("--http-host", default=d("HTTP_HOST", "127.0.0.1"), help="bind host (env DYN_HTTP_HOST)")
+    p.add_argument("--http-port", type=int, default=int(d("HTTP_PORT", 8000)), help="bind port (env DYN_HTTP_PORT)")
+    p.add_argument("--namespace", default=d("NAMESPACE"), help="serve only models of this namespace (DYN_NAMESPACE)")
+    p.add_argument(
+        "--namespace-prefix", default=d("NAMESPACE_PREFIX"), help="namespace prefix filter; wins over --namespace"
+    )
+    p.add_argument(
+        "--router-mode",
+        choices=[m.value for m in RouterMode],
+        default=d("ROUTER_MODE", RouterMode.ROUND_ROBIN.value),
+        help="how to pick a worker (env DYN_ROUTER_MODE)",
+    )
+    p.add_argument(
+        "--kv-cache-block-size",
+        type=int,
+        default=None if d("KV_CACHE_BLOCK_SIZE") is None else int(d("KV_CACHE_BLOCK_SIZE")),
+        help="override the block size of the model cards (env DYN_KV_CACHE_BLOCK_SIZE)",
+    )
+    p.add_argument(
+        "--migration-limit",
+        type=int,
+        default=int(d("MIGRATION_LIMIT", 0)),
+        help="times a failed stream is re-sent to another worker (env DYN_MIGRATION_LIMIT); 0 = the card's",
+    )
+    p.add_argument("--tls-cert-path", default=d("TLS_CERT_PATH"), help="TLS certificate (PEM); needs --tls-key-path")
+    p.add_argument("--tls-key-path", default=d("TLS_KEY_PATH"), help="TLS private key (PEM); needs --tls-cert-path")
+    p.add_argument("--api-key", default=d("API_KEY"), help="require 'Authorization: Bearer KEY' (env DYN_API_KEY)")
+    p.add_argument("--metrics-prefix", default=d("METRICS_PREFIX", "armature_frontend"), help="metric name prefix")
+    p.add_argument(
+        "--body-limit-mb",
+        type=float,
+        default=float(d("HTTP_BODY_LIMIT_MB", DEFAULT_BODY_LIMIT / 2**20)),
+        help="largest accepted request body in MiB (413 beyond)",
+    )
+    p.add_argument(
+        "--graceful-shutdown-timeout",
+        type=float,
+        default=float(d("HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS", 5.0)),
+        help="seconds in-flight requests get after SIGTERM",
+    )
+    p.add_argument("--log-level", default=d("LOG_LEVEL", "info"), help="debug|info|warning|error")
+    RuntimeSettings.add_arguments(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> FrontendArgs:
+    env = os.environ if env is None else env
+    parser = build_parser(env)
+    ns = parser.parse_args(argv)
+    mode = RouterMode(ns.router_mode)
+    if mode is RouterMode.KV:
+        parser.error("--router-mode kv is not available yet in this build; use round-robin, random or direct")
+    if bool(ns.tls_cert_path) != bool(ns.tls_key_path):
+        parser.error("--tls-cert-path and --tls-key-path go together: give both or neither")
+    if not 0 < ns.http_port < 65536:
+        parser.error(f"--http-port {ns.http_port} is not a valid port")
+    if ns.migration_limit < 0:
+        parser.error("--migration-limit must be >= 0")
+    if ns.kv_cache_block_size is not None and ns.kv_cache_block_size <= 0:
+        parser.error("--kv-cache-block-size must be positive")
+    if ns.body_limit_mb <= 0:
+        parser.error("--body-limit-mb must be positive")
+    try:
+        runtime = RuntimeSettings.from_args(ns, env)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return FrontendArgs(
+        http_host=ns.http_host,
+        http_port=ns.http_port,
+        namespace=ns.namespace,
+        namespace_prefix=ns.namespace_prefix,
+        router_mode=mode,
+        kv_cache_block_size=ns.kv_cache_block_size,
+        migration_limit=ns.migration_limit,
+        tls_cert_path=ns.tls_cert_path,
+        tls_key_path=ns.tls_key_path,
+        api_key=ns.api_key,
+        metrics_prefix=ns.metrics_prefix,
+        body_limit_bytes=int(ns.body_limit_mb * 2**20),
+        graceful_shutdown_timeout_s=ns.graceful_shutdown_timeout,
+        log_level=ns.log_level,
+        runtime=runtime,
+    )
