@@ -98,3 +98,35 @@ async def test_relay_from_zmq_and_load_into_metrics() -> None:
         await publisher.close()
         pub.close(0)
         ctx.term()
+
+
+async def test_relay_binds_when_the_engine_connects() -> None:
+    from armature.sglang.args import reserve_free_port
+
+    port = reserve_free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    sgl = StandInSglEngine(page_size=4)
+    sgl.server_args.kv_events_config = json.dumps({"publisher": "zmq", "endpoint": endpoint})
+    engine = SglangEngine(sgl, SglangServerConfig(model_path="/m", served_model_name="m", page_size=4))
+    received: list[tuple[str, bytes]] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        received.append((topic, payload))
+
+    publisher = WorkerPublisher(engine, 9, publish, CollectorRegistry(), model="m", component="backend")
+    publisher.start()
+    ctx = zmq.asyncio.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(endpoint)  # SGLang connects a non-wildcard endpoint; the worker must bind it
+    try:
+        batch = encode_event_batch(EventBatch(ts=1.0, events=[AllBlocksCleared()]))
+        deadline = time.monotonic() + 10
+        while not any(t == KV_EVENTS_TOPIC for t, _ in received):
+            assert time.monotonic() < deadline, "no KV event relayed"
+            await pub.send_multipart([b"", struct.pack(">Q", 0), batch])
+            await asyncio.sleep(0.02)
+    finally:
+        await publisher.close()
+        pub.close(0)
+        ctx.term()
