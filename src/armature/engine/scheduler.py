@@ -188,6 +188,8 @@ class SchedulerStats:
     retractions: int = 0
     finished: int = 0
     aborted: int = 0
+    steps: int = 0
+    peak_batch: int = 0  # most requests in one forward
 
 
 class Scheduler:
@@ -519,6 +521,8 @@ class Scheduler:
         if batch is None:
             return []
         results = self.executor.execute(batch)
+        self.stats.steps += 1
+        self.stats.peak_batch = max(self.stats.peak_batch, len(batch.seqs))
         outputs: list[GenerateOutput] = []
         for seq, res in zip(batch.seqs, results):
             r = seq.req
