@@ -105,6 +105,7 @@ class NatsLink:
         self._failures: dict[str, Callable[[Exception], None]] = {}
         self.max_payload = 1024 * 1024
         self._closing = False
+        self._disconnect_listeners: list[Callable[[], None]] = []
 
     async def connect(self) -> NatsConnection:
         async with self._lock:
@@ -137,6 +138,13 @@ class NatsLink:
         if self._closing:
             return
         log.warning("nats: disconnected from %s; reconnecting", self.url)
+        # Core NATS is at-most-once: frames in flight during the outage may be gone, so every
+        # open stream fails now (migratable) rather than go on with a silent gap.
+        for listener in list(self._disconnect_listeners):
+            listener()
+
+    def on_disconnect(self, listener: Callable[[], None]) -> None:
+        self._disconnect_listeners.append(listener)
 
     async def _on_reconnected(self) -> None:
         log.info("nats: reconnected to %s", self.url)
@@ -270,6 +278,7 @@ class NatsServer(ServerTransport):
         if self._subs:
             return
         nc = await self.link.connect()
+        self.link.on_disconnect(self._drop_streams)
         # Leave room for the frame header and NATS protocol overhead within max_payload.
         self.limit = min(self.limit, self.link.max_payload - 1024)
         self._subs = [
@@ -327,6 +336,12 @@ class NatsServer(ServerTransport):
             elif kind == FrameKind.KILL:
                 self.forget(msg.reply)
                 stream.kill()
+
+    def _drop_streams(self) -> None:
+        streams, self.streams = self.streams, {}
+        for subject, stream in streams.items():
+            self.link.on_failure(subject, None)
+            stream.connection_lost()
 
     async def _on_ping(self, msg: Msg) -> None:
         if msg.reply and self.link.nc is not None:
@@ -436,6 +451,7 @@ class NatsClient(ClientTransport):
         nc = await self.link.connect()
         async with self._lock:
             if self._sub is None:
+                self.link.on_disconnect(self._drop_streams)
                 self.inbox = nc.new_inbox()
                 self._sub = await nc.subscribe(f"{self.inbox}.*", cb=self._on_response)
         return nc
@@ -501,6 +517,10 @@ class NatsClient(ClientTransport):
             raise RequestPlaneError(ErrorKind.CANNOT_CONNECT, f"cannot publish to {channel.subject}: {e}", True) from e
         channel.ensure_monitor()
         return stream
+
+    def _drop_streams(self) -> None:
+        for channel in self._channels.values():
+            channel.fail_all(f"lost the connection to NATS at {self.link.url}")
 
     def instance_removed(self, instance_id: int) -> None:
         channel = self._channels.get(instance_id)
