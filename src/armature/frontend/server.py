@@ -275,15 +275,22 @@ class Frontend:
             gen = (chat_stream if chat else completion_stream)(pipeline, include_usage, continuous)
             return StreamResponse(self._guard_stream(pipeline, gen, endpoint), on_disconnect=pipeline.cancel)
         ok = False
+        watch = DisconnectWatch(request.receive)
         try:
-            async with DisconnectWatch(request.receive):
+            async with watch:
                 payload = await (chat_aggregate if chat else completion_aggregate)(pipeline)
             ok = True
             return _JsonBytes(payload)
         except asyncio.CancelledError:
             pipeline.cancel()
+            if not watch.disconnected:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
             self.metrics.disconnects.labels(model.name).inc()
-            raise
+            # Nobody is listening; 499 (client closed request) only shows up in our own logs.
+            return Response(status_code=499)
         except Exception as exc:
             raise _engine_failure(exc) from exc
         finally:
