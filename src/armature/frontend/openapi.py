@@ -68,13 +68,17 @@ def _get(summary: str, content: dict[str, Any], extra: tuple[int, ...] = ()) -> 
     }
 
 
-@lru_cache(maxsize=1)
-def openapi_document() -> bytes:
+@lru_cache(maxsize=8)
+def openapi_document(models: tuple[str, ...] = ()) -> bytes:
+    """The document; ``models`` (the names served now) become the examples of ``model``."""
     _, components = msgspec.json.schema_components(
         [ChatCompletionRequest, CompletionRequest, ChatCompletion, Completion, ModelList, ErrorResponse],
         ref_template=_REF,
     )
     components["CompletionRequest"]["properties"]["prompt"] = _PROMPT_SCHEMA
+    if models:
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            components[name]["properties"]["model"]["examples"] = list(models)
     status = {"application/json": {"schema": {"type": "object"}}}
     doc = {
         "openapi": "3.1.0",

@@ -348,4 +348,4 @@ class Frontend:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def _openapi(self, request: Request) -> Response:
-        return _JsonBytes(openapi_document())
+        return _JsonBytes(openapi_document(tuple(sorted(m.name for m in self.models.models()))))
