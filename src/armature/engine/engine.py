@@ -143,6 +143,7 @@ class ThreadedEngine:
         elif kind == "abort":
             out = self.scheduler.abort(cmd[1])
             if out is not None:
+                self._publish_state()
                 self._deliver([out])
         elif kind == "call":
             _, fn, fut = cmd
@@ -161,8 +162,9 @@ class ThreadedEngine:
             outputs = self.scheduler.abort_all(f"engine step failed: {exc!r}")
             for o in outputs:
                 o.finish_reason = EngineFinishReason.ERROR
-        self._deliver(outputs)
+        # Metrics first: a caller who has seen a request finish must not see it still running.
         self._publish_state()
+        self._deliver(outputs)
 
     def _publish_state(self) -> None:
         if self.publisher is not None:

@@ -140,6 +140,7 @@ class ScheduledBatch:
     mode: ForwardMode
     seqs: list[ScheduledSeq]
     active_pages: int  # pages held by running requests at this step (the mocker's timing input)
+    started: float = 0.0  # perf_counter() when the scheduler began this step
 
     @property
     def num_new_tokens(self) -> int:
@@ -517,9 +518,11 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------------
 
     def step(self) -> list[GenerateOutput]:
+        started = time.perf_counter()
         batch = self._schedule()
         if batch is None:
             return []
+        batch.started = started
         results = self.executor.execute(batch)
         self.stats.steps += 1
         self.stats.peak_batch = max(self.stats.peak_batch, len(batch.seqs))
