@@ -113,7 +113,8 @@ class ResponseStream:
     def on_data(self, body: memoryview | bytes) -> None:
         if self._finished:
             return
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         try:
             item = self._decoder.decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
@@ -121,7 +122,9 @@ class ResponseStream:
             self.on_error(RequestPlaneError(ErrorKind.INVALID_RESPONSE, f"cannot decode a response item: {e}", False))
             return
         self._items.append(item)
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_end(self) -> None:
         if self._finished:

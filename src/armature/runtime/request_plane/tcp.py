@@ -47,6 +47,9 @@ from armature.runtime.request_plane.stream import ResponseStream
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
+# Plain ints for the per-frame dispatch (an IntEnum attribute lookup per frame adds up).
+_REQUEST, _DATA, _END, _ERROR = int(FrameKind.REQUEST), int(FrameKind.DATA), int(FrameKind.END), int(FrameKind.ERROR)
+_STOP, _KILL, _CREDIT, _ACK = int(FrameKind.STOP), int(FrameKind.KILL), int(FrameKind.CREDIT), int(FrameKind.ACK)
 _EMPTY = b""
 # Write buffer marks per connection: above HIGH the handlers wait (back-pressure to the engine).
 WRITE_HIGH_WATER = 4 * 1024 * 1024
@@ -219,7 +222,7 @@ class _ServerConnection(_Connection):
         self.connections.add(self)
 
     def _on_frame(self, kind: FrameKind, stream_id: int, body: memoryview) -> None:
-        if kind == FrameKind.REQUEST:
+        if kind == _REQUEST:
             if stream_id in self.streams:
                 raise ProtocolViolation(f"stream {stream_id} opened twice")
             try:
@@ -236,15 +239,15 @@ class _ServerConnection(_Connection):
         stream = self.streams.get(stream_id)
         if stream is None:
             return  # control for a stream that already ended: normal race
-        if kind == FrameKind.CREDIT:
+        if kind == _CREDIT:
             stream.add_credit(decode_int(body))
-        elif kind == FrameKind.STOP:
+        elif kind == _STOP:
             stream.stop()
-        elif kind == FrameKind.KILL:
+        elif kind == _KILL:
             self.streams.pop(stream_id, None)
             stream.kill()
         else:
-            raise ProtocolViolation(f"a caller may not send {kind.name} frames")
+            raise ProtocolViolation(f"a caller may not send {FrameKind(kind).name} frames")
 
     def _on_oversize(self, kind: FrameKind, stream_id: int, size: int) -> None:
         if kind != FrameKind.REQUEST:
@@ -334,17 +337,17 @@ class _ClientConnection(_Connection, StreamChannel):
         stream = self.streams.get(stream_id)
         if stream is None:
             return  # items for a stream the caller killed: drop
-        if kind == FrameKind.DATA:
+        if kind == _DATA:
             stream.on_data(body)
-        elif kind == FrameKind.ACK:
+        elif kind == _ACK:
             stream.on_ack()
-        elif kind == FrameKind.END:
+        elif kind == _END:
             stream.on_end()
-        elif kind == FrameKind.ERROR:
+        elif kind == _ERROR:
             e = decode_error(body)
             stream.on_error(RequestPlaneError(e.kind, e.message, e.migratable))
         else:
-            raise ProtocolViolation(f"a server may not send {kind.name} frames")
+            raise ProtocolViolation(f"a server may not send {FrameKind(kind).name} frames")
 
     def _on_oversize(self, kind: FrameKind, stream_id: int, size: int) -> None:
         stream = self.streams.get(stream_id)
