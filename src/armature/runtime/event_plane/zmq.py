@@ -197,7 +197,7 @@ class ZmqEventSubscriber(EventSubscriber):
         self._watch_task = asyncio.create_task(self._follow_publishers(), name=f"zmq-sub-{self.topic}")
         # Connect to the publishers that exist now before start() returns.
         waiter = asyncio.ensure_future(self._first_sync.wait())
-        await asyncio.wait({waiter, self._watch_task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({waiter, self._watch_task}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
 
     async def _follow_publishers(self) -> None:
