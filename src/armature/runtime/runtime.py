@@ -45,7 +45,15 @@ from armature.runtime.request_plane.base import (
 )
 from armature.runtime.request_plane.dispatcher import Dispatcher, RequestHandler, ServedEndpoint
 from armature.runtime.request_plane.stream import ResponseStream
-from armature.runtime.status import EngineRoute, HealthState, StatusServer, system_host_from_env, system_port_from_env
+from armature.runtime.status import (
+    CanaryConfig,
+    EngineRoute,
+    HealthState,
+    StatusServer,
+    run_canary,
+    system_host_from_env,
+    system_port_from_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +204,7 @@ class DistributedRuntime:
         grace_period_s: float | None = None,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         timeouts: PlaneTimeouts | None = None,
+        canary: CanaryConfig | None = None,
     ) -> None:
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"unknown request plane {request_plane!r}; choose one of {', '.join(REQUEST_PLANES)}")
@@ -212,6 +221,8 @@ class DistributedRuntime:
         self.grace_period_s = grace_period_from_env() if grace_period_s is None else max(0.0, grace_period_s)
         self.lease_ttl_s = lease_ttl_s
         self.timeouts = timeouts or PlaneTimeouts.from_env()
+        self.canary = canary or CanaryConfig.from_env()
+        self._canaries: list[asyncio.Task[None]] = []
         # Random 63 bits: unique enough across a cluster, positive in every language's int64.
         self.instance_id = secrets.randbits(63) or 1
         self.metrics = RuntimeMetrics()
@@ -341,6 +352,8 @@ class DistributedRuntime:
     async def _shutdown(self, grace_period_s: float | None) -> None:
         grace = self.grace_period_s if grace_period_s is None else max(0.0, grace_period_s)
         self.health.shutting_down = True
+        for task in self._canaries:
+            task.cancel()
         try:
             # 1. Leave discovery at once, so routers stop sending here; refuse new streams.
             await asyncio.gather(
@@ -514,6 +527,8 @@ class Endpoint:
             rt._served.pop(self.path, None)
             raise
         rt.health.endpoints[self.path] = "ready"
+        if health_check_payload is not None and rt.canary.enabled:
+            rt._canaries.append(asyncio.get_running_loop().create_task(self._canary(served, health_check_payload)))
         log.info("serving %s as instance %x over %s at %s", self.path, rt.instance_id, server.kind, server.address)
 
     async def serve(
@@ -532,6 +547,22 @@ class Endpoint:
             request_type=request_type,
         )
         await self.runtime.wait_closed()
+
+    async def _canary(self, served: ServedEndpoint, payload: Any) -> None:
+        """Send ``payload`` to this very instance over the request plane when it has been idle."""
+        client = await self.client()
+
+        async def probe() -> None:
+            stream = await client.direct(payload, self.runtime.instance_id)
+            async with stream:
+                async for _ in stream:
+                    return  # one answer is enough: the handler and its engine respond
+            # An empty stream that ended cleanly is an answer too.
+
+        try:
+            await run_canary(self.path, self.runtime.health, probe, lambda: served.last_activity, self.runtime.canary)
+        finally:
+            await client.close()
 
     async def register_instance(self, server: ServerTransport | None = None) -> None:
         rt = self.runtime

@@ -70,6 +70,74 @@ class HealthState:
         }
 
 
+def _env_float(env: Mapping[str, str], names: tuple[str, ...], default: float) -> float:
+    for name in names:
+        raw = env.get(name)
+        if raw:
+            try:
+                value = float(raw)
+            except ValueError as e:
+                raise ValueError(f"{name}={raw!r} is not a number") from e
+            if value <= 0:
+                raise ValueError(f"{name}={raw!r} must be positive")
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """Canary health checks: after ``wait_s`` without traffic, send the endpoint's health payload.
+
+    Off by default, as in Dynamo (its operator turns them on); a canary that errors or takes over
+    ``timeout_s`` marks the endpoint ``notready`` until one succeeds again.
+    """
+
+    enabled: bool = False
+    wait_s: float = 10.0
+    timeout_s: float = 3.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CanaryConfig:
+        env = os.environ if env is None else env
+        raw = env.get("ARMATURE_HEALTH_CHECK_ENABLED") or env.get("DYN_HEALTH_CHECK_ENABLED") or ""
+        return cls(
+            enabled=raw.strip().lower() in ("1", "true", "yes", "on"),
+            wait_s=_env_float(env, ("ARMATURE_CANARY_WAIT_TIME", "DYN_CANARY_WAIT_TIME"), cls.wait_s),
+            timeout_s=_env_float(
+                env, ("ARMATURE_HEALTH_CHECK_REQUEST_TIMEOUT", "DYN_HEALTH_CHECK_REQUEST_TIMEOUT"), cls.timeout_s
+            ),
+        )
+
+
+async def run_canary(
+    path: str,
+    health: HealthState,
+    probe: Callable[[], Awaitable[None]],
+    last_activity: Callable[[], float],
+    config: CanaryConfig,
+) -> None:
+    """Probe ``path`` whenever it has been idle for ``config.wait_s``; runs until cancelled."""
+    while True:
+        idle = time.monotonic() - last_activity()
+        if idle < config.wait_s:
+            await asyncio.sleep(config.wait_s - idle)
+            continue
+        try:
+            await asyncio.wait_for(probe(), config.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the canary means "not healthy"
+            if health.endpoints.get(path) == "ready":
+                log.warning("health check of %s failed: %s", path, e or type(e).__name__)
+            if path in health.endpoints:
+                health.endpoints[path] = "notready"
+        else:
+            if path in health.endpoints and not health.shutting_down:
+                health.endpoints[path] = "ready"
+        # Traffic of its own counts as activity, so the next canary waits a full period.
+        await asyncio.sleep(config.wait_s)
+
+
 class _HttpError(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
         super().__init__(message)

@@ -14,6 +14,7 @@ from armature.runtime.context import Context
 from armature.runtime.discovery.base import model_card_key
 from armature.runtime.discovery.mem import MemoryState, MemoryStore
 from armature.runtime.runtime import DistributedRuntime
+from armature.runtime.status import CanaryConfig
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +111,41 @@ async def test_model_card_registration_lives_on_the_lease() -> None:
     finally:
         await worker.shutdown(grace_period_s=0)
         await observer.close()
+
+
+async def test_canary_health_check_marks_a_hung_endpoint_notready_and_recovers() -> None:
+    state = MemoryState()
+    worker = DistributedRuntime(
+        MemoryStore(state), system_port=0, canary=CanaryConfig(enabled=True, wait_s=0.2, timeout_s=0.3)
+    )
+    engine_hung = asyncio.Event()
+    canaries: list[dict[str, Any]] = []
+
+    async def generate(request: dict[str, Any], context: Context):
+        if request.get("canary"):
+            canaries.append(request)
+            if engine_hung.is_set():
+                await asyncio.sleep(3600)  # an engine that stopped answering
+        yield "token"
+
+    async def health(http: httpx.AsyncClient, want: str) -> None:
+        for _ in range(100):
+            r = await http.get("/health")
+            if r.json()["endpoints"].get("test.canary.gen") == want:
+                assert (r.status_code == 200) == (want == "ready")
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail(f"endpoint never became {want}")
+
+    try:
+        await worker.endpoint("test.canary.gen").start_serving(generate, health_check_payload={"canary": True})
+        assert worker.status is not None
+        async with httpx.AsyncClient(base_url=worker.status.url, timeout=5) as http:
+            await health(http, "ready")
+            engine_hung.set()
+            await health(http, "notready")
+            assert canaries, "no canary request was sent"
+            engine_hung.clear()
+            await health(http, "ready")
+    finally:
+        await worker.shutdown(grace_period_s=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class ServedEndpoint:
     decoder: msgspec.msgpack.Decoder
     metrics: EndpointMetrics | None = None
     streams: set[HandlerStream] = field(default_factory=set)
+    last_activity: float = field(default_factory=time.monotonic)  # for idle-time canary checks
 
     @property
     def path(self) -> str:
@@ -126,6 +128,7 @@ class HandlerStream:
                 except BaseException:  # noqa: BLE001 - cleanup of an already failed generator
                     pass
             served.streams.discard(self)
+            served.last_activity = time.monotonic()
             self._dispatcher._finished(self)
             if metrics is not None:
                 metrics.finished(started, sent)
@@ -178,6 +181,7 @@ class Dispatcher:
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             sink.send_error(ErrorKind.INVALID_REQUEST, f"{head.endpoint}: {e}", False)
             return None
+        served.last_activity = time.monotonic()
         context = Context(head.request_id, trace_id=head.trace_id, parent_span_id=head.span_id)
         stream = HandlerStream(self, served, context, sink, head.window)
         served.streams.add(stream)
