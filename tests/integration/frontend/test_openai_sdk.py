@@ -157,3 +157,28 @@ async def test_seeded_sampling_is_repeatable(stack: ServedStack) -> None:
 
     first = await sample(1234)
     assert await sample(1234) == first
+
+
+async def test_models_health_and_metrics(stack: ServedStack) -> None:
+    import httpx
+
+    c = client(stack)
+    assert [m.id for m in (await c.models.list()).data] == [MODEL]
+    s = await c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    _ = [ch async for ch in s]
+    async with httpx.AsyncClient(base_url=stack.base_url) as http:
+        health = await http.get("/health")
+        assert health.status_code == 200 and health.json()["models"] == [MODEL]
+        text = (await http.get("/metrics")).text
+    label = f'model="{MODEL}"'
+    for name in (
+        "armature_frontend_requests_total", "armature_frontend_inflight_requests",
+        "armature_frontend_time_to_first_token_seconds_count", "armature_frontend_inter_token_latency_seconds_count",
+        "armature_frontend_input_sequence_tokens_count", "armature_frontend_output_sequence_tokens_sum",
+        "armature_frontend_request_duration_seconds_count",
+    ):  # fmt: skip
+        assert any(line.startswith(name) and label in line for line in text.splitlines()), name
+    assert f'armature_frontend_output_sequence_tokens_sum{{{label}}} 3.0' in text
