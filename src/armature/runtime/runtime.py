@@ -234,6 +234,7 @@ class DistributedRuntime:
         self._server: ServerTransport | None = None
         self._client_transport: ClientTransport | None = None
         self._nats: Any = None  # NatsLink, created for the nats request plane
+        self._events: Any = None  # EventPlane, created on first use
         self._served: dict[str, _ServedRegistration] = {}
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -336,6 +337,20 @@ class DistributedRuntime:
                 self._client_transport = NatsClient(await self._nats_link(), self.timeouts)
         return self._client_transport
 
+    async def events(self) -> Any:
+        """This process's event plane (``event_plane`` kind), shared and closed with the runtime.
+
+        zmq publishers register their address on the process lease, so they vanish with it.
+        """
+        await self.start()
+        if self._events is None:
+            from armature.runtime.event_plane.factory import create_event_plane
+
+            self._events = create_event_plane(
+                self.event_plane, discovery=self.discovery, lease_id=self.lease_id, nats_server=self.nats_url
+            )
+        return self._events
+
     def request_shutdown(self, grace_period_s: float | None = None) -> asyncio.Task[None]:
         """Begin the graceful shutdown chain (once); returns its task."""
         if self._shutdown_task is None:
@@ -403,6 +418,9 @@ class DistributedRuntime:
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer
+        if self._events is not None:
+            with contextlib.suppress(Exception):
+                await self._events.close()
         if self._nats is not None:
             with contextlib.suppress(Exception):
                 await self._nats.close()

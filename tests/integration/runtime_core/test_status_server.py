@@ -149,3 +149,4 @@ async def test_canary_health_check_marks_a_hung_endpoint_notready_and_recovers()
             await health(http, "ready")
     finally:
         await worker.shutdown(grace_period_s=0)
+
