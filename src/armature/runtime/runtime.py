@@ -521,7 +521,7 @@ class Endpoint:
         request_type: Any = None,
     ) -> None:
         """Accept requests and register the instance in discovery; returns at once."""
-        if not callable(handler):
+        if not callable(handler) or (inspect.iscoroutinefunction(handler) and not inspect.isasyncgenfunction(handler)):
             raise TypeError("handler must be an async generator function: async def h(request, context): yield ...")
         rt = self.runtime
         if rt.shutting_down:

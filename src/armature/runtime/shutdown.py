@@ -119,8 +119,10 @@ class GracefulShutdown:
             self.runtime.cut_grace_period()
 
     async def _run_deferred(self) -> None:
+        # Give the process its signal handling back first: a deferred handler may re-raise.
+        self.uninstall()
         if self.received is None:
-            return
+            return  # shut down by a call, not a signal: the engine's handlers are not ours to run
         for handler in self.deferred.get(self.received, []):
             try:
                 result = handler()
@@ -128,7 +130,6 @@ class GracefulShutdown:
                     await result
             except Exception:  # noqa: BLE001 - a foreign handler must not stop the others
                 log.exception("deferred signal handler failed")
-        self.uninstall()
 
 
 def install_graceful_shutdown(runtime: DistributedRuntime) -> GracefulShutdown:

@@ -45,3 +45,13 @@ def test_flags_override_environment() -> None:
     args = parser.parse_args(["--request-plane", "tcp", "--system-port", "8081", "--discovery-backend", "etcd"])
     s = RuntimeSettings.from_args(args, {"DYN_REQUEST_PLANE": "nats"})
     assert (s.request_plane, s.system_port, s.discovery_backend) == ("tcp", 8081, "etcd")
+
+
+def test_tcp_host_defaults_to_loopback_and_wildcards_advertise_a_real_address() -> None:
+    from armature.runtime.request_plane.tcp import advertise_host_for, tcp_host_from_env
+
+    assert tcp_host_from_env({}) == "127.0.0.1"
+    assert tcp_host_from_env({"DYN_TCP_RPC_HOST": "10.0.0.5"}) == "10.0.0.5"
+    assert advertise_host_for("10.0.0.5", {}) == "10.0.0.5"
+    assert advertise_host_for("0.0.0.0", {"ARMATURE_TCP_RPC_ADVERTISE_HOST": "worker-3"}) == "worker-3"
+    assert advertise_host_for("0.0.0.0", {}) not in ("0.0.0.0", "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 
 import msgspec
@@ -71,6 +72,20 @@ def tcp_port_from_env(env: Mapping[str, str] | None = None) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"TCP RPC port {port} is out of range")
     return port
+
+
+def advertise_host_for(bind_host: str, env: Mapping[str, str] | None = None) -> str:
+    """The host callers should dial: explicit, else the bind host, else (wildcard bind) this host's IP."""
+    env = os.environ if env is None else env
+    explicit = env.get("ARMATURE_TCP_RPC_ADVERTISE_HOST")
+    if explicit:
+        return explicit
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 class _Connection(asyncio.Protocol):
@@ -297,7 +312,9 @@ class TcpServer(ServerTransport):
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """What the instance record advertises (a wildcard bind advertises this host's IP)."""
+        advertised = advertise_host_for(self.host)
+        host = f"[{advertised}]" if ":" in advertised else advertised
         return f"{host}:{self.port}"
 
     @property
