@@ -8,13 +8,16 @@ Decode load counts *unique* blocks: requests sharing a prefix on one worker shar
 Active blocks live in a prefix trie keyed by canonical local block hashes (a node is a whole
 prefix, like a chained sequence hash) with per-slot reference counts, so "how many of this
 request's blocks are already active on each worker" is one intersecting walk — the same shape
-as the indexer's query, with no per-worker loop.
+as the indexer's query, with no per-worker loop. Like the indexer, the trie is flat (node ids
+into lists, int-only dicts) so thousands of in-flight requests add no work to Python's garbage
+collector.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,22 +26,15 @@ from armature.router.kv.slots import SlotTable, WorkerKey
 logger = logging.getLogger(__name__)
 
 
-class _ActiveNode:
-    __slots__ = ("children", "mask", "refs", "parent", "key")
-
-    def __init__(self, parent: _ActiveNode | None, key: int) -> None:
-        self.children: dict[int, _ActiveNode] | None = None
-        self.mask = 0
-        self.refs: dict[int, int] = {}  # slot -> active requests on that slot using this block
-        self.parent = parent
-        self.key = key
+_ROOT = 0
+_SLOT_BITS = 16  # refs are keyed by node id << 16 | slot
 
 
 @dataclass(slots=True)
 class _Request:
     key: WorkerKey
     slot: int
-    path: list[_ActiveNode]
+    path: array[int]  # node ids, root first; an array so the collector never scans it
     own_blocks: int  # blocks counted for this request alone (partial tail, or all without reuse)
     prefill_tokens: int
     started_at: float
@@ -73,7 +69,14 @@ class ActiveSequences:
         self.assume_kv_reuse = assume_kv_reuse
         self.track_active_blocks = track_active_blocks
         self._clock = clock
-        self._root = _ActiveNode(None, 0)
+        # Trie storage indexed by node id; 0 is the root.
+        self._kids: list[dict[int, int] | None] = [None]
+        self._mask: list[int] = [0]
+        self._parent: list[int] = [-1]
+        self._hkey: list[int] = [0]
+        self._free_ids: list[int] = []
+        # (node id << 16 | slot) -> active requests on that slot using the block.
+        self._refs: dict[int, int] = {}
         self._slots = SlotTable()
         # Read directly by the scheduler; every known key is present.
         self.active_blocks: dict[WorkerKey, int] = {}
@@ -82,6 +85,8 @@ class ActiveSequences:
         # Insertion order is start order, so expiry only looks at the front.
         self._requests: dict[str, _Request] = {}
         self.expired_total = 0
+        # Called with a key whenever its load changes (the router keeps caches and gauges).
+        self.on_change: Callable[[WorkerKey], None] | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -91,15 +96,17 @@ class ActiveSequences:
         if not self.assume_kv_reuse or not self.track_active_blocks:
             return out
         key_of = self._slots.key_of
-        children = self._root.children
+        kids = self._kids
+        mask = self._mask
+        children = kids[_ROOT]
         cur = -1
         depth = 0
         if children is not None:
             for h in local_hashes:
-                node = children.get(h)
-                if node is None:
+                nid = children.get(h)
+                if nid is None:
                     break
-                m = node.mask & cur
+                m = mask[nid] & cur
                 if m != cur:
                     if depth:
                         dropped = cur & ~m
@@ -112,7 +119,7 @@ class ActiveSequences:
                         break
                     cur = m
                 depth += 1
-                children = node.children
+                children = kids[nid]
                 if children is None:
                     break
         if depth and cur > 0:
@@ -158,7 +165,9 @@ class ActiveSequences:
 
     def ensure_worker(self, key: WorkerKey) -> None:
         if key not in self.active_blocks:
-            self._slots.acquire(key)
+            if self._slots.acquire(key) >= 1 << _SLOT_BITS:
+                self._slots.release(key)
+                raise ValueError(f"more than {1 << _SLOT_BITS} (worker, dp_rank) pairs are active")
             self.active_blocks[key] = 0
             self.prefill_tokens[key] = 0
             self._num_requests[key] = 0
@@ -182,7 +191,7 @@ class ActiveSequences:
         slot = self._slots.get(key)
         assert slot is not None
         prefill = self.new_prefill_tokens(isl, overlap_blocks)
-        path: list[_ActiveNode] = []
+        path: array[int] = array("q")
         own = 0
         if self.track_active_blocks:
             full = isl // self.block_size
@@ -197,6 +206,8 @@ class ActiveSequences:
         self.prefill_tokens[key] += prefill
         self._num_requests[key] += 1
         self._requests[request_id] = _Request(key, slot, path, own, prefill, now)
+        if self.on_change is not None:
+            self.on_change(key)
         return prefill
 
     def mark_prefill_completed(self, request_id: str) -> bool:
@@ -206,6 +217,8 @@ class ActiveSequences:
         if not req.prefill_done:
             req.prefill_done = True
             self.prefill_tokens[req.key] -= req.prefill_tokens
+            if self.on_change is not None:
+                self.on_change(req.key)
         return True
 
     def free(self, request_id: str) -> bool:
@@ -248,28 +261,43 @@ class ActiveSequences:
 
     # ------------------------------------------------------------------ internals
 
-    def _book_path(self, slot: int, key: WorkerKey, hashes: Sequence[int]) -> list[_ActiveNode]:
+    def _book_path(self, slot: int, key: WorkerKey, hashes: Sequence[int]) -> array[int]:
         bit = 1 << slot
-        node = self._root
-        path: list[_ActiveNode] = []
+        kids, mask, refs = self._kids, self._mask, self._refs
+        nid = _ROOT
+        path = array("q")
         new_blocks = 0
         for h in hashes:
-            children = node.children
+            children = kids[nid]
             if children is None:
-                children = node.children = {}
+                children = kids[nid] = {}
             child = children.get(h)
             if child is None:
-                child = children[h] = _ActiveNode(node, h)
-            refs = child.refs
-            n = refs.get(slot, 0)
+                child = children[h] = self._new_node(nid, h)
+            rk = child << _SLOT_BITS | slot
+            n = refs.get(rk, 0)
             if not n:
-                child.mask |= bit
+                mask[child] |= bit
                 new_blocks += 1
-            refs[slot] = n + 1
+            refs[rk] = n + 1
             path.append(child)
-            node = child
+            nid = child
         self.active_blocks[key] += new_blocks
         return path
+
+    def _new_node(self, parent: int, h: int) -> int:
+        if self._free_ids:
+            nid = self._free_ids.pop()
+            self._kids[nid] = None
+            self._mask[nid] = 0
+            self._parent[nid] = parent
+            self._hkey[nid] = h
+            return nid
+        self._kids.append(None)
+        self._mask.append(0)
+        self._parent.append(parent)
+        self._hkey.append(h)
+        return len(self._mask) - 1
 
     def _release(self, req: _Request) -> None:
         key, slot = req.key, req.slot
@@ -278,23 +306,28 @@ class ActiveSequences:
         self.active_blocks[key] -= req.own_blocks
         self._num_requests[key] -= 1
         bit = 1 << slot
+        kids, mask, refs, parent_of, hkey = self._kids, self._mask, self._refs, self._parent, self._hkey
         freed = 0
-        root = self._root
-        for node in reversed(req.path):
-            n = node.refs[slot] - 1
+        for nid in reversed(req.path):
+            rk = nid << _SLOT_BITS | slot
+            n = refs[rk] - 1
             if n:
-                node.refs[slot] = n
+                refs[rk] = n
                 continue
-            del node.refs[slot]
-            node.mask &= ~bit
+            del refs[rk]
+            mask[nid] &= ~bit
             freed += 1
             # Walking leaf to root, so a node's booked descendants on this path are gone already.
-            while node is not root and not node.mask and node.children is None:
-                parent = node.parent
-                assert parent is not None and parent.children is not None
-                del parent.children[node.key]
-                if not parent.children:
-                    parent.children = None
-                node.parent = None
-                node = parent
+            while nid != _ROOT and not mask[nid] and kids[nid] is None:
+                parent = parent_of[nid]
+                siblings = kids[parent]
+                assert siblings is not None
+                del siblings[hkey[nid]]
+                if not siblings:
+                    kids[parent] = None
+                parent_of[nid] = -1
+                self._free_ids.append(nid)
+                nid = parent
         self.active_blocks[key] -= freed
+        if self.on_change is not None:
+            self.on_change(key)

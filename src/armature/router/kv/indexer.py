@@ -9,6 +9,12 @@ slot, a lookup from the engine's opaque block hash to the node lets ``KvRemoved`
 ``find_matches`` walks the request's local hashes from the root, intersecting the masks as it
 goes; a slot's score is the depth at which it drops out. The loop allocates nothing per node.
 
+Storage is flat on purpose: a node is an integer id into parallel lists, children are
+``{local_hash: child_id}`` dicts and lookups ``{engine_hash: ref}`` dicts. Dicts holding only
+ints are invisible to Python's cyclic garbage collector, so a million-block index adds almost
+nothing to collection pauses (with one object per node, a full collection walked every node
+and stalled routing for hundreds of milliseconds).
+
 Events carry a per-worker ``event_id``. A jump forward is a gap: the indexer reports it, buffers
 that worker's later events, and applies them once the missing range (``fill_gap``) or a full
 snapshot (``load_worker_snapshot``) arrives, so events are always applied in order.
@@ -33,14 +39,9 @@ from armature.router.kv.slots import SlotTable, WorkerKey, iter_bits
 logger = logging.getLogger(__name__)
 
 
-class _Node:
-    __slots__ = ("children", "mask", "parent", "key")
-
-    def __init__(self, parent: _Node | None, key: int) -> None:
-        self.children: dict[int, _Node] | None = None
-        self.mask = 0
-        self.parent = parent
-        self.key = key
+_ROOT = 0
+_ID_BITS = 32
+_ID_MASK = (1 << _ID_BITS) - 1
 
 
 @dataclass(slots=True)
@@ -93,13 +94,20 @@ class KvIndexer:
     """Radix tree of which (worker, dp_rank) holds which KV blocks."""
 
     def __init__(self) -> None:
-        self._root = _Node(None, 0)
+        # Node storage, indexed by node id; id 0 is the root.
+        self._kids: list[dict[int, int] | None] = [None]  # local hash -> child id
+        self._mask: list[int] = [0]  # bitmask of the slots holding the node
+        self._parent: list[int] = [-1]  # -1: free id
+        self._hkey: list[int] = [0]  # the node's local hash (its key in the parent)
+        # Bumped when an id is freed, so a stale lookup ref can never address its next user.
+        self._gen: list[int] = [0]
+        self._free_ids: list[int] = []
         self._slots = SlotTable()
-        # Per slot: engine block hash -> node. Indexed by slot number.
-        self._lookup: list[dict[int, _Node]] = []
+        # Per slot: engine block hash -> ref (node id | generation << 32). Indexed by slot number.
+        self._lookup: list[dict[int, int]] = []
         self._tree_sizes: dict[WorkerKey, int] = {}
         self._logs: dict[int, _WorkerLog] = {}
-        self._nodes = 0
+        self._nodes = 0  # live nodes, the root excluded
         self.stats = IndexerStats()
 
     # ------------------------------------------------------------------ queries (hot path)
@@ -115,15 +123,17 @@ class KvIndexer:
         scores: dict[WorkerKey, int] = {}
         freqs: list[int] = []
         key_of = self._slots.key_of
-        children = self._root.children
+        kids = self._kids
+        mask = self._mask
+        children = kids[_ROOT]
         cur = -1  # all ones: the first mask intersects to itself
         depth = 0
         if children is not None:
             for h in local_hashes:
-                node = children.get(h)
-                if node is None:
+                nid = children.get(h)
+                if nid is None:
                     break
-                m = node.mask & cur
+                m = mask[nid] & cur
                 if m != cur:
                     if depth:
                         dropped = cur & ~m
@@ -140,7 +150,7 @@ class KvIndexer:
                     freqs.append(m.bit_count())
                 if early_exit and not (m & (m - 1)):
                     break
-                children = node.children
+                children = kids[nid]
                 if children is None:
                     break
         if depth and cur > 0:
@@ -327,24 +337,28 @@ class KvIndexer:
 
     def _dump_slot(self, slot: int) -> list[KvStored]:
         bit = 1 << slot
-        engine_hash = {id(node): h for h, node in self._lookup[slot].items() if node.mask & bit}
+        kids, mask, hkey = self._kids, self._mask, self._hkey
+        engine_hash: dict[int, int] = {}
+        for h, ref in self._lookup[slot].items():
+            nid = self._resolve(ref)
+            if nid is not None and mask[nid] & bit:
+                engine_hash[nid] = h
         out: list[KvStored] = []
         # Each stack entry: a held node that starts a chain, and its parent's engine hash.
-        stack: list[tuple[_Node, int | None]] = []
-        for child in (self._root.children or {}).values():
-            if child.mask & bit:
-                stack.append((child, None))
+        stack: list[tuple[int, int | None]] = [
+            (c, None) for c in (kids[_ROOT] or {}).values() if mask[c] & bit
+        ]
         while stack:
-            node, parent_hash = stack.pop()
+            nid, parent_hash = stack.pop()
             blocks: list[StoredBlock] = []
             while True:
-                blocks.append(StoredBlock(block_hash=engine_hash[id(node)], tokens_hash=node.key))
-                held = [c for c in (node.children or {}).values() if c.mask & bit]
+                blocks.append(StoredBlock(block_hash=engine_hash[nid], tokens_hash=hkey[nid]))
+                held = [c for c in (kids[nid] or {}).values() if mask[c] & bit]
                 if len(held) == 1:
-                    node = held[0]
+                    nid = held[0]
                     continue
                 for c in held:
-                    stack.append((c, engine_hash[id(node)]))
+                    stack.append((c, engine_hash[nid]))
                 break
             out.append(KvStored(parent_hash=parent_hash, blocks=blocks))
         return out
@@ -378,15 +392,42 @@ class KvIndexer:
         else:  # pragma: no cover - the union is closed
             raise TypeError(f"unknown KV event body {type(data).__name__}")
 
+    def _ref(self, nid: int) -> int:
+        return nid | (self._gen[nid] << _ID_BITS)
+
+    def _resolve(self, ref: int) -> int | None:
+        """The node a lookup ref names, or None if that node has been freed since."""
+        nid = ref & _ID_MASK
+        return nid if self._gen[nid] == ref >> _ID_BITS and self._parent[nid] != -1 else None
+
+    def _new_node(self, parent: int, h: int) -> int:
+        if self._free_ids:
+            nid = self._free_ids.pop()
+            self._kids[nid] = None
+            self._mask[nid] = 0
+            self._parent[nid] = parent
+            self._hkey[nid] = h
+        else:
+            nid = len(self._mask)
+            self._kids.append(None)
+            self._mask.append(0)
+            self._parent.append(parent)
+            self._hkey.append(h)
+            self._gen.append(0)
+        self._nodes += 1
+        return nid
+
     def _store(self, key: WorkerKey, data: KvStored) -> None:
         slot = self._slot(key)
         bit = 1 << slot
         lookup = self._lookup[slot]
+        kids, mask = self._kids, self._mask
         if data.parent_hash is None:
-            parent = self._root
+            parent = _ROOT
         else:
-            found = lookup.get(data.parent_hash)
-            if found is None or not found.mask & bit:
+            ref = lookup.get(data.parent_hash)
+            found = None if ref is None else self._resolve(ref)
+            if found is None or not mask[found] & bit:
                 self.stats.orphaned_blocks += len(data.blocks)
                 logger.warning(
                     "worker %x dp_rank %d stored %d blocks under unknown parent %x; dropped",
@@ -398,30 +439,28 @@ class KvIndexer:
                 return
             parent = found
         added = 0
-        created = 0
+        gen = self._gen
         for block in data.blocks:
-            children = parent.children
+            children = kids[parent]
             if children is None:
-                children = parent.children = {}
-            node = children.get(block.tokens_hash)
-            if node is None:
-                node = children[block.tokens_hash] = _Node(parent, block.tokens_hash)
-                created += 1
-            if not node.mask & bit:
-                node.mask |= bit
+                children = kids[parent] = {}
+            nid = children.get(block.tokens_hash)
+            if nid is None:
+                nid = children[block.tokens_hash] = self._new_node(parent, block.tokens_hash)
+            if not mask[nid] & bit:
+                mask[nid] |= bit
                 added += 1
-            stale = lookup.get(block.block_hash)
-            lookup[block.block_hash] = node
-            if stale is not None and stale is not node and stale.mask & bit:
-                # The engine reused a block hash for a different block: the old one is gone.
-                stale.mask &= ~bit
-                added -= 1
-                if not stale.mask and stale.children is None:
-                    self._nodes += created
-                    created = 0
-                    self._prune(stale)
-            parent = node
-        self._nodes += created
+            stale_ref = lookup.get(block.block_hash)
+            lookup[block.block_hash] = nid | (gen[nid] << _ID_BITS)
+            if stale_ref is not None:
+                stale = self._resolve(stale_ref)
+                if stale is not None and stale != nid and mask[stale] & bit:
+                    # The engine reused a block hash for a different block: the old one is gone.
+                    mask[stale] &= ~bit
+                    added -= 1
+                    if not mask[stale] and kids[stale] is None:
+                        self._prune(stale)
+            parent = nid
         self._tree_sizes[key] += added
         self.stats.blocks_stored += added
 
@@ -432,45 +471,51 @@ class KvIndexer:
             return
         bit = 1 << slot
         lookup = self._lookup[slot]
+        kids, mask = self._kids, self._mask
         removed = 0
         for h in block_hashes:
-            node = lookup.pop(h, None)
-            if node is None or not node.mask & bit:
+            ref = lookup.pop(h, None)
+            nid = None if ref is None else self._resolve(ref)
+            if nid is None or not mask[nid] & bit:
                 self.stats.unknown_removals += 1
                 continue
-            node.mask &= ~bit
+            mask[nid] &= ~bit
             removed += 1
-            if not node.mask and node.children is None:
-                self._prune(node)
+            if not mask[nid] and kids[nid] is None:
+                self._prune(nid)
         self._tree_sizes[key] -= removed
         self.stats.blocks_removed += removed
 
-    def _prune(self, node: _Node) -> None:
-        """Unlink a node nobody holds and that has no children, then its emptied ancestors."""
-        root = self._root
-        while node is not root and not node.mask and node.children is None:
-            parent = node.parent
-            assert parent is not None and parent.children is not None
-            del parent.children[node.key]
-            if not parent.children:
-                parent.children = None
-            node.parent = None  # break the cycle so refcounting frees it at once
+    def _prune(self, nid: int) -> None:
+        """Free a node nobody holds and that has no children, then its emptied ancestors."""
+        kids, mask, parent_of, hkey, gen = self._kids, self._mask, self._parent, self._hkey, self._gen
+        while nid != _ROOT and not mask[nid] and kids[nid] is None:
+            parent = parent_of[nid]
+            siblings = kids[parent]
+            assert siblings is not None
+            del siblings[hkey[nid]]
+            if not siblings:
+                kids[parent] = None
+            parent_of[nid] = -1
+            gen[nid] += 1
+            self._free_ids.append(nid)
             self._nodes -= 1
-            node = parent
+            nid = parent
 
     def _clear_slot(self, key: WorkerKey, slot: int) -> None:
         bit = 1 << slot
         lookup = self._lookup[slot]
+        kids, mask = self._kids, self._mask
         removed = 0
-        nodes = list(lookup.values())
+        nodes = [n for n in map(self._resolve, lookup.values()) if n is not None]
         lookup.clear()
-        for node in nodes:
-            if node.mask & bit:
-                node.mask &= ~bit
+        for nid in nodes:
+            if mask[nid] & bit:
+                mask[nid] &= ~bit
                 removed += 1
-        for node in nodes:
-            if not node.mask and node.children is None and node.parent is not None:
-                self._prune(node)
+        for nid in nodes:
+            if self._parent[nid] != -1 and not mask[nid] and kids[nid] is None:
+                self._prune(nid)
         self._tree_sizes[key] -= removed
         self.stats.blocks_removed += removed
 

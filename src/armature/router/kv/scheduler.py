@@ -18,6 +18,7 @@ import logging
 import math
 import random
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 from dataclasses import dataclass
 
 from armature.router.kv.slots import WorkerKey
@@ -91,43 +92,55 @@ class KvScheduler:
         already_active: Mapping[WorkerKey, int],
         overlap_score_weight: float,
         temperature: float,
+        base_load: dict[WorkerKey, float] | None = None,
     ) -> Selection:
+        """Pick the cheapest candidate (or sample one when ``temperature`` > 0).
+
+        ``base_load``, when given, is ``{k: w * active_prefill[k] + active_blocks[k]}`` over exactly
+        ``candidates`` with ``w = overlap_score_weight / block_size``, kept up to date by the
+        caller; it is modified in place, so pass a copy.
+        """
         if not candidates:
             raise ValueError("no candidate workers")
         bs = self.block_size
         isl = shape.isl
-        nblocks = shape.request_blocks
         w = overlap_score_weight / bs
-        # Hot loop: one pass, locals only. Most candidates have no overlap and nothing active in
-        # common with the request, so those lookups are cheap misses.
-        ov_get = overlaps.get
-        aa_get = already_active.get
-        ap_get = active_prefill.get
-        ab_get = active_blocks.get
-        logits: list[float] = []
-        append = logits.append
-        for key in candidates:
-            new = isl - ov_get(key, 0) * bs
-            if new < 0:
-                new = 0
-            append(w * (ap_get(key, 0) + new) + ab_get(key, 0) + nblocks - aa_get(key, 0))
+        # logit_k = w * (active_prefill_k + isl - min(overlap_k * bs, isl))
+        #           + active_blocks_k + request_blocks - already_active_k
+        # Split into a per-worker load term, a per-request constant, and corrections for the
+        # few workers that share a prefix with the request: the loop over every worker is then
+        # one dict comprehension, and only matched workers cost Python-level work.
+        if base_load is None:
+            base = {k: w * active_prefill.get(k, 0) + active_blocks.get(k, 0) for k in candidates}
+        else:
+            base = base_load
+        for k, ov in overlaps.items():
+            if k in base:
+                base[k] -= w * min(ov * bs, isl)
+        for k, n in already_active.items():
+            if k in base:
+                base[k] -= n
+        const = w * isl + shape.request_blocks
 
         if temperature <= 0:
-            best = min(logits)
-            ties = [i for i, v in enumerate(logits) if v == best]
+            best = min(base.values())
+            # Equal costs can differ in the last bit depending on the order of float operations.
+            tol = 1e-9 * max(1.0, abs(best + const))
+            ties = [k for k, v in base.items() if v <= best + tol]
             if len(ties) > 1:
-                smallest = min(tree_sizes.get(candidates[i], 0) for i in ties)
-                ties = [i for i in ties if tree_sizes.get(candidates[i], 0) == smallest]
-            pick = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+                sizes = list(map(tree_sizes.get, ties, repeat(0)))
+                smallest = min(sizes)
+                ties = [k for k, n in zip(ties, sizes) if n == smallest]
+            key = ties[0] if len(ties) == 1 else self.rng.choice(ties)
         else:
-            pick = self._sample(logits, temperature)
-
-        key = candidates[pick]
-        ov = ov_get(key, 0)
+            keys = list(base)
+            key = keys[self._sample([v + const for v in base.values()], temperature)]
+        logit = base[key] + const
+        ov = overlaps.get(key, 0)
         if logger.isEnabledFor(logging.DEBUG):
             self._log(candidates, shape, overlaps, tree_sizes, active_prefill, active_blocks,
                       already_active, overlap_score_weight, key)
-        return Selection(key[0], key[1], ov, logits[pick], max(isl - ov * bs, 0))
+        return Selection(key[0], key[1], ov, logit, max(isl - ov * bs, 0))
 
     def _sample(self, logits: list[float], temperature: float) -> int:
         lo = min(logits)

@@ -116,6 +116,7 @@ class KvRouter:
             track_active_blocks=config.router_track_active_blocks,
             clock=clock,
         )
+        self.active.on_change = self._load_changed
         self.scheduler = KvScheduler(bs, rng)
         self._workers: dict[int, int] = {}  # worker_id -> dp_size
         self._candidates: list[WorkerKey] = []
@@ -124,6 +125,9 @@ class KvRouter:
         self._departed_set: set[int] = set()
         self._recoveries: dict[int, asyncio.Task[None]] = {}
         self._gaps_reported = 0
+        # Per registered candidate: w * active prefill tokens + active blocks, for the configured
+        # weight; kept current on every load change so a decision only copies it.
+        self._base_load: dict[WorkerKey, float] = {}
 
     # ------------------------------------------------------------------ workers
 
@@ -144,6 +148,7 @@ class KvRouter:
         for dp in range(dp_size):
             self.active.ensure_worker((worker_id, dp))
         self._candidates = [(w, dp) for w, n in sorted(self._workers.items()) for dp in range(n)]
+        self._rebuild_base_load()
 
     async def add_worker(self, worker_id: int, dp_size: int = 1) -> None:
         """Register a newly discovered worker and load its full KV state from its local indexer."""
@@ -168,6 +173,7 @@ class KvRouter:
         if self.approx is not None:
             self.approx.remove_worker(worker_id)
         dropped = self.active.remove_worker(worker_id)
+        self._rebuild_base_load()
         if self.metrics is not None:
             self.metrics.remove_worker(worker_id, list(range(dp_size)))
         logger.info("worker %x removed from the KV router (%d active requests dropped)", worker_id, dropped)
@@ -371,6 +377,11 @@ class KvRouter:
         scores = self._match(local, weight)
         t2 = _ns()
         active = self.active
+        base = (
+            dict(self._base_load)
+            if candidates is self._candidates and weight == self.config.overlap_score_weight
+            else None
+        )
         sel = self.scheduler.select(
             candidates,
             RequestShape(isl, active.request_blocks(isl)),
@@ -381,6 +392,7 @@ class KvRouter:
             active.already_active(local),
             weight,
             temperature,
+            base,
         )
         t3 = _ns()
         key = (sel.worker_id, sel.dp_rank)
@@ -415,28 +427,21 @@ class KvRouter:
                     overlap_blocks=overlap,
                 )
             )
-        self._gauge(key)
 
     def mark_prefill_completed(self, request_id: str) -> bool:
         """The request's first token arrived: its prefill tokens no longer load the worker."""
-        key = self.active.worker_of(request_id)
         if not self.active.mark_prefill_completed(request_id):
             return False
         if self.sync_publisher is not None:
             self.sync_publisher.publish(SeqPrefillDone(router_id=self.router_id, request_id=request_id))
-        if key is not None:
-            self._gauge(key)
         return True
 
     def free(self, request_id: str) -> bool:
         """The request finished or was cancelled: release everything it holds."""
-        key = self.active.worker_of(request_id)
         if not self.active.free(request_id):
             return False
         if self.sync_publisher is not None:
             self.sync_publisher.publish(SeqFreed(router_id=self.router_id, request_id=request_id))
-        if key is not None:
-            self._gauge(key)
         return True
 
     def expire(self) -> int:
@@ -444,8 +449,6 @@ class KvRouter:
         n = self.active.expire()
         if self.approx is not None:
             self.approx.expire()
-        if n:
-            self.refresh_gauges()
         return n
 
     # ------------------------------------------------------------------ replica sync
@@ -464,21 +467,27 @@ class KvRouter:
             self.active.add_request(rid, key, message.local_hashes, message.isl, message.overlap_blocks)
             if self.approx is not None:
                 self.approx.record(key, message.local_hashes)
-            self._gauge(key)
         elif isinstance(message, SeqPrefillDone):
-            key = self.active.worker_of(rid)
-            if self.active.mark_prefill_completed(rid) and key is not None:
-                self._gauge(key)
+            self.active.mark_prefill_completed(rid)
         elif isinstance(message, SeqFreed):
-            key = self.active.worker_of(rid)
-            if self.active.free(rid) and key is not None:
-                self._gauge(key)
+            self.active.free(rid)
         else:  # pragma: no cover - the union is closed
             raise TypeError(f"unknown replica sync message {type(message).__name__}")
 
     # ------------------------------------------------------------------ gauges
 
-    def _gauge(self, key: WorkerKey) -> None:
+    def _rebuild_base_load(self) -> None:
+        w = self.config.overlap_score_weight / self.block_size
+        ap, ab = self.active.prefill_tokens, self.active.active_blocks
+        self._base_load = {k: w * ap.get(k, 0) + ab.get(k, 0) for k in self._candidates}
+
+    def _load_changed(self, key: WorkerKey) -> None:
+        """The load of ``key`` changed: refresh the decision cache and the gauges."""
+        if key in self._base_load:
+            self._base_load[key] = (
+                self.config.overlap_score_weight / self.block_size * self.active.prefill_tokens.get(key, 0)
+                + self.active.active_blocks.get(key, 0)
+            )
         if self.metrics is not None:
             load = self.active.load_of(key)
             self.metrics.set_worker_load(key[0], key[1], load.active_blocks, load.active_prefill_tokens)
