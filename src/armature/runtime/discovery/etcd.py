@@ -49,6 +49,8 @@ class _Lease:
     etcd_id: int
     keys: dict[str, bytes] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    # Set when a new etcd lease was granted but not every key is back on it yet.
+    reput_pending: bool = False
 
 
 def grpc_target(endpoints: Sequence[str]) -> str:
@@ -196,6 +198,8 @@ class EtcdStore(KeyValueStore):
                     ttl = await self._keep_alive_once(lease.etcd_id)
                 if ttl <= 0:
                     await self._regrant(lease)
+                elif lease.reput_pending:
+                    await self._reput(lease)
                 if outage:
                     log.info("etcd discovery: reconnected; lease %x alive", lease.etcd_id)
                 outage = False
@@ -222,15 +226,20 @@ class EtcdStore(KeyValueStore):
 
     async def _regrant(self, lease: _Lease) -> None:
         """The etcd lease is gone while we live: take a new one and put our keys back."""
-        kv, lease_svc, _, _ = self._services()
+        lease_svc = self._services()[1]
         resp = await lease_svc.grant(lease.ttl_s, timeout=self._op_timeout_s)
         old, lease.etcd_id = lease.etcd_id, int(resp.ID)
+        lease.reput_pending = True
+        log.warning("etcd discovery: lease %x had expired; re-registering on lease %x", old, lease.etcd_id)
+        await self._reput(lease)
+
+    async def _reput(self, lease: _Lease) -> None:
+        """Put every key of ``lease`` on its current etcd lease; retried until all succeed."""
+        kv = self._services()[0]
         for key, value in list(lease.keys.items()):
             await kv.put(key, value, lease=lease.etcd_id, timeout=self._op_timeout_s)
-        log.warning(
-            "etcd discovery: lease %x had expired; re-registered %d key(s) on lease %x",
-            old, len(lease.keys), lease.etcd_id,
-        )  # fmt: skip
+        lease.reput_pending = False
+        log.info("etcd discovery: %d key(s) back on lease %x", len(lease.keys), lease.etcd_id)
 
     # -- keys -----------------------------------------------------------------------------
     async def put(self, key: str, value: bytes, lease_id: int | None = None) -> None:
@@ -243,7 +252,15 @@ class EtcdStore(KeyValueStore):
             if lease is None:
                 raise DiscoveryError(f"lease {lease_id:x} was not granted by this store (or was revoked)")
         etcd_lease = lease.etcd_id if lease is not None else 0
-        await self._call(kv.put(key, bytes(value), lease=etcd_lease, timeout=self._op_timeout_s), "put")
+        try:
+            await self._call(kv.put(key, bytes(value), lease=etcd_lease, timeout=self._op_timeout_s), "put")
+        except DiscoveryError as exc:
+            if lease is None or "lease not found" not in str(exc.__cause__):
+                raise
+            # etcd lost the lease before our keep-alive noticed (e.g. it was wiped): take a new
+            # one now, with our other keys, rather than fail the caller.
+            await self._call(self._regrant(lease), "re-grant lease")
+            await self._call(kv.put(key, bytes(value), lease=lease.etcd_id, timeout=self._op_timeout_s), "put")
         self._forget(key)
         if lease is not None:
             lease.keys[key] = bytes(value)
