@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,66 @@ async def _prefix_from_fresh_client(
             break
         await asyncio.sleep(0.2)
     return seen
+
+
+async def test_sigkilled_zmq_publisher_is_dropped_by_subscribers(tmp_path: Path) -> None:
+    """Brokerless ZMQ: a publisher process killed with SIGKILL leaves discovery within TTL + 2 s,
+    and the subscriber disconnects from it; a new publisher is picked up afterwards."""
+    from armature.runtime.event_plane.base import EventScope
+    from armature.runtime.event_plane.factory import create_event_plane
+
+    root = str(tmp_path / "kv")
+    namespace = f"kill{uuid.uuid4().hex[:8]}"
+    store = create_store("file", root=root)
+    await store.start()
+    plane = create_event_plane("zmq", discovery=store)
+    sub = plane.subscriber(EventScope(namespace, "backend"), "kv-events")
+    await sub.start()
+    received: list[int] = []
+
+    async def drain() -> None:
+        async for envelope in sub:
+            received.append(envelope.publisher_id)
+
+    drainer = asyncio.create_task(drain())
+    script = Path(__file__).with_name("event_publisher_proc.py")
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        ids = []
+        for _ in range(2):
+            proc = subprocess.Popen(
+                [sys.executable, str(script), root, namespace, str(TEST_TTL_S)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            procs.append(proc)
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+            assert line.startswith("ready "), proc.stderr.read() if proc.stderr else ""
+            ids.append(int(line.split()[1], 16))
+
+        await _until(lambda: set(ids) <= set(received), 15)
+        assert len(sub.publishers) == 2
+
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(timeout=10)
+        await _until(lambda: len(sub.publishers) == 1, TEST_TTL_S + 2)
+        assert all(not key.endswith(f"/{ids[0]:x}") for key in sub.publishers)
+        # The survivor's events keep arriving.
+        count = received.count(ids[1])
+        await _until(lambda: received.count(ids[1]) > count + 5, 10)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        drainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drainer
+        await plane.close()
+        await store.close()
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
