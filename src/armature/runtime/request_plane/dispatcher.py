@@ -108,7 +108,11 @@ class HandlerStream:
                     return
                 if sink.congested():
                     await sink.wait_writable()
-            sink.send_end()
+            if self.shutting_down:
+                # The handler saw the shutdown and returned early: its output is cut, not complete.
+                sink.send_error(ErrorKind.ENGINE_SHUTDOWN, "the worker shut down during generation", True)
+            else:
+                sink.send_end()
         except asyncio.CancelledError:
             if self.shutting_down:
                 sink.send_error(ErrorKind.ENGINE_SHUTDOWN, "the worker shut down during generation", True)
