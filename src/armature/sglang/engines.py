@@ -1,0 +1,119 @@
+"""``create_engine(config)``: the engine behind a worker (native | mocker | sglang).
+
+Handlers only see the ``Engine`` protocol; this is the one place that knows how each engine is
+built from the worker's SGLang-named settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import tempfile
+from typing import Any
+
+from armature.engine.api import Engine
+from armature.sglang.args import ConfigError, SglangServerConfig, WorkerConfig
+
+_ipc_counter = itertools.count()
+
+
+def default_kv_events_config() -> str:
+    """An ``ipc://`` endpoint private to this process: KV events on by default, no port to pick.
+
+    Dynamo requires ``--kv-events-config`` for KV routing; publishing over a local ipc socket
+    costs nothing when nobody routes by KV, binds no network port, and cannot collide with
+    another worker on the host.
+    """
+    path = os.path.join(tempfile.gettempdir(), f"armature-kv-{os.getpid()}-{next(_ipc_counter)}.ipc")
+    return json.dumps({"publisher": "zmq", "topic": "", "endpoint": f"ipc://{path}"})
+
+
+def native_server_args(config: WorkerConfig) -> dict[str, Any]:
+    """Keyword arguments of ``armature.engine.server_args.ServerArgs`` (SGLang names)."""
+    s: SglangServerConfig = config.server
+    kwargs: dict[str, Any] = {
+        "model_path": config.resolved_model_path,
+        "served_model_name": s.served_model_name,
+        "dtype": s.dtype,
+        "max_prefill_tokens": s.max_prefill_tokens,
+        "disable_radix_cache": s.disable_radix_cache,
+        "stream_interval": s.stream_interval,
+        # The frontend tokenizes; the worker's engine never needs the tokenizer.
+        "skip_tokenizer_init": True,
+        "kv_events_config": s.kv_events_config if s.use_kv_events else default_kv_events_config(),
+        "log_level": s.log_level,
+    }
+    optional = {
+        "device": s.device,
+        "page_size": s.page_size,
+        "max_total_tokens": s.max_total_tokens,
+        "mem_fraction_static": s.mem_fraction_static,
+        "context_length": s.context_length,
+        "chunked_prefill_size": s.chunked_prefill_size,
+        "max_running_requests": s.max_running_requests,
+        "random_seed": s.random_seed,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    return kwargs
+
+
+def _create_native(config: WorkerConfig) -> Engine:
+    from armature.engine.engine import NativeEngine
+    from armature.engine.server_args import ServerArgs, ServerArgsError
+
+    try:
+        args = ServerArgs.from_kwargs(**native_server_args(config))
+    except ServerArgsError as exc:
+        raise ConfigError(str(exc)) from exc
+    return NativeEngine(args)
+
+
+def mocker_kwargs_from_server(s: SglangServerConfig) -> dict[str, Any]:
+    """``--engine mocker`` under ``armature.sglang``: the SGLang flags size the simulated engine."""
+    kwargs: dict[str, Any] = {"enable_prefix_caching": not s.disable_radix_cache,
+                              "max_num_batched_tokens": s.max_prefill_tokens}
+    if s.page_size is not None:
+        kwargs["block_size"] = s.page_size
+    if s.max_running_requests is not None:
+        kwargs["max_num_seqs"] = s.max_running_requests
+    if s.max_total_tokens is not None:
+        kwargs["num_gpu_blocks_override"] = max(s.max_total_tokens // (s.page_size or 64), 1)
+    if s.chunked_prefill_size is not None and s.chunked_prefill_size <= 0:
+        kwargs["enable_chunked_prefill"] = False
+    return kwargs
+
+
+def _create_mocker(config: WorkerConfig) -> Engine:
+    from armature.engine.server_args import ServerArgs, ServerArgsError
+    from armature.mocker import MockerArgs, MockerEngine
+
+    extra = dict(config.engine_extra.get("mocker") or mocker_kwargs_from_server(config.server))
+    try:
+        server_args = ServerArgs.from_kwargs(**native_server_args(config))
+        mocker_args = MockerArgs(**extra)
+    except (ServerArgsError, TypeError, ValueError) as exc:
+        raise ConfigError(f"mocker: {exc}") from exc
+    return MockerEngine(server_args, mocker_args)
+
+
+def _create_sglang(config: WorkerConfig) -> Engine:
+    from armature.sglang import sgl_compat
+
+    return sgl_compat.SglangEngine(sgl_compat.create_sgl_engine(config.server), config.server)
+
+
+_FACTORIES = {"native": _create_native, "mocker": _create_mocker, "sglang": _create_sglang}
+
+
+async def create_engine(config: WorkerConfig) -> Engine:
+    """Build and start the configured engine; loading runs off the event loop."""
+    try:
+        factory = _FACTORIES[config.engine]
+    except KeyError:
+        raise ConfigError(f"unknown engine {config.engine!r}; choose one of {', '.join(_FACTORIES)}") from None
+    if config.engine == "sglang":
+        # sgl.Engine must be built on the main thread (it installs signal handlers, spawns).
+        return factory(config)
+    return await asyncio.to_thread(factory, config)

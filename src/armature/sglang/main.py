@@ -1,0 +1,223 @@
+"""The worker process: runtime → engine → handler → publisher → serve → register (Dynamo's order).
+
+The endpoint starts serving before the model card is registered; requests that arrive in
+between wait on the readiness gate. A failed registration shuts the engine down and the process
+exits non-zero. SIGTERM/SIGINT start the runtime's graceful shutdown: leave discovery, let
+in-flight streams finish within the grace period, end the rest with a migratable error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from armature.engine.api import Engine
+from armature.protocols.llm import PreprocessedRequest
+from armature.runtime.runtime import DistributedRuntime, Endpoint, RuntimeSettings
+from armature.sglang.args import ConfigError, ServingMode, WorkerConfig, parse_args
+from armature.sglang.config_dump import dump_config
+from armature.sglang.engines import create_engine
+from armature.sglang.event_sink import WorkerEventSink, create_event_sink
+from armature.sglang.handlers.decode import DecodeWorkerHandler
+from armature.sglang.health_check import decode_payload
+from armature.sglang.logs import configure_logging
+from armature.sglang.publisher import KV_EVENTS_TOPIC, LOAD_TOPIC, WorkerPublisher
+from armature.sglang.register import RegistrationError, build_model_card, register_with_readiness_gate
+
+log = logging.getLogger("armature.sglang")
+
+
+def runtime_settings(config: WorkerConfig) -> RuntimeSettings:
+    settings = RuntimeSettings.from_env()
+    settings.discovery_backend = config.dynamo.discovery_backend
+    settings.request_plane = config.dynamo.request_plane
+    settings.event_plane = config.dynamo.event_plane
+    settings.system_port = config.dynamo.system_port if config.dynamo.system_port >= 0 else None
+    settings.validate()
+    return settings
+
+
+@dataclass
+class RunningWorker:
+    """One served engine: what ``stop`` must take down."""
+
+    config: WorkerConfig
+    engine: Engine
+    endpoint: Endpoint
+    handler: DecodeWorkerHandler
+    publisher: WorkerPublisher
+    events: WorkerEventSink
+
+    async def stop(self) -> None:
+        self.handler.shutdown_event.set()
+        await self.publisher.close()
+        with contextlib.suppress(Exception):
+            await self.events.close()
+        await self.handler.cleanup()
+
+
+async def _follow_shutdown(leader: DistributedRuntime, others: Sequence[DistributedRuntime]) -> None:
+    """Several workers in one process (mocker --num-workers) drain together on one signal."""
+    while not leader.shutting_down:
+        await asyncio.sleep(0.05)
+    for rt in others:
+        rt.request_shutdown()
+
+
+def register_engine_routes(runtime: DistributedRuntime, engine: Engine, endpoint: Endpoint) -> None:
+    """Control routes on the status server (``/engine/<name>``), as Dynamo's SGLang worker has."""
+
+    async def flush_cache(body: dict[str, Any]) -> dict[str, Any]:
+        return {"status": "ok" if await engine.flush_cache() else "error"}
+
+    async def start_profile(body: dict[str, Any]) -> dict[str, Any]:
+        await engine.start_profile()
+        return {"status": "ok"}
+
+    async def stop_profile(body: dict[str, Any]) -> dict[str, Any]:
+        await engine.stop_profile()
+        return {"status": "ok"}
+
+    async def release_memory(body: dict[str, Any]) -> dict[str, Any]:
+        # Leave discovery first so no new request lands on a worker without memory.
+        await endpoint.unregister_instance()
+        await engine.release_memory(body.get("tags"))
+        return {"status": "ok", "message": "memory released; instance unregistered"}
+
+    async def resume_memory(body: dict[str, Any]) -> dict[str, Any]:
+        await engine.resume_memory(body.get("tags"))
+        await endpoint.register_instance()
+        return {"status": "ok", "message": "memory resumed; instance registered"}
+
+    async def update_weights_from_disk(body: dict[str, Any]) -> dict[str, Any]:
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            return {"status": "error", "message": "body needs a 'model_path' string"}
+        await engine.update_weights_from_disk(path)
+        return {"status": "ok"}
+
+    for name, route in (
+        ("flush_cache", flush_cache),
+        ("start_profile", start_profile),
+        ("stop_profile", stop_profile),
+        ("release_memory_occupation", release_memory),
+        ("resume_memory_occupation", resume_memory),
+        ("update_weights_from_disk", update_weights_from_disk),
+    ):
+        runtime.register_engine_route(name, route)
+
+
+async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine: Engine) -> RunningWorker:
+    """Handler, publisher, serve, register. Raises ``RegistrationError`` if the card cannot be published."""
+    if config.serving_mode is ServingMode.PREFILL:
+        raise ConfigError("prefill workers (--disaggregation-mode prefill) are not supported yet")
+    endpoint = runtime.endpoint(str(config.endpoint))
+    ready = asyncio.Event()
+    handler = DecodeWorkerHandler(engine, ready, asyncio.Event())
+    register_engine_routes(runtime, engine, endpoint)
+    events = await create_event_sink(runtime, config.endpoint)
+    await events.open([KV_EVENTS_TOPIC, LOAD_TOPIC])
+    publisher = WorkerPublisher(
+        engine,
+        runtime.instance_id,
+        events.publish,
+        runtime.metrics.registry,
+        model=config.server.served_model_name,
+        component=config.endpoint.component,
+    )
+    publisher.start()
+    worker = RunningWorker(config, engine, endpoint, handler, publisher, events)
+    try:
+        card = build_model_card(config, engine.info)
+        payload = decode_payload(config.server.served_model_name, engine.info.bos_token_id)
+        await endpoint.start_serving(
+            handler.generate,
+            graceful_shutdown=True,
+            health_check_payload=payload,
+            request_type=PreprocessedRequest,
+        )
+        await register_with_readiness_gate(lambda: endpoint.register_model(card), ready, engine)
+    except BaseException:
+        await publisher.close()
+        with contextlib.suppress(Exception):
+            await events.close()
+        with contextlib.suppress(Exception):
+            await engine.shutdown()
+        raise
+    status = runtime.status.url if runtime.status is not None else "off (set --system-port / DYN_SYSTEM_PORT)"
+    log.info(
+        "worker ready: model=%s engine=%s endpoint=%s instance=%x status=%s",
+        config.server.served_model_name, config.engine, config.endpoint.url, runtime.instance_id, status,
+    )
+    return worker
+
+
+async def run_workers(configs: Sequence[WorkerConfig]) -> int:
+    """Serve one engine per config, each on its own runtime (its own instance), until a signal."""
+    runtimes = [DistributedRuntime.from_settings(runtime_settings(c)) for c in configs]
+    for rt in runtimes:
+        await rt.start()
+    runtimes[0].install_signal_handlers()
+    follower = asyncio.create_task(_follow_shutdown(runtimes[0], runtimes[1:])) if len(runtimes) > 1 else None
+    if configs[0].dynamo.discovery_backend == "mem":
+        log.warning("--discovery-backend mem: only this process can find the worker; use file or etcd")
+    workers: list[RunningWorker] = []
+    try:
+        for rt, config in zip(runtimes, configs, strict=True):
+            engine = await create_engine(config)
+            if rt.shutting_down:
+                # A signal arrived while the model loaded: nothing was served, nothing to drain.
+                await engine.shutdown()
+                break
+            workers.append(await start_worker(rt, config, engine))
+        for rt in runtimes:
+            await rt.wait_closed()
+        return 0
+    except (RegistrationError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if follower is not None:
+            follower.cancel()
+        for worker in workers:
+            await worker.stop()
+        for rt in runtimes:
+            if not rt.shutting_down:
+                await rt.shutdown(grace_period_s=0.0)
+
+
+def mocker_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m armature.mocker``: the same worker on the simulated engine."""
+    from armature.sglang.mocker_args import parse_mocker_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        configs = parse_mocker_args(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(configs[0].log_level)
+    return run_async(run_workers(configs))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_args(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    dump_config(config.dynamo.dump_config_to, config)
+    return run_async(run_workers([config]))
+
+
+def run_async(coro: Any) -> int:
+    # Plain asyncio: the runtime's TCP transport requires asyncio.Transport, which uvloop's
+    # transports are not.
+    return int(asyncio.run(coro))
