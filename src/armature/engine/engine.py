@@ -149,9 +149,14 @@ class ThreadedEngine:
             _, fn, fut = cmd
             if fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn())
+                    result = fn()
                 except BaseException as exc:  # handed to the caller, who re-raises it
+                    self._publish_state()
                     fut.set_exception(exc)
+                else:
+                    self._publish_state()
+                    fut.set_result(result)
+            return
         self._publish_state()
 
     def _step(self) -> None:

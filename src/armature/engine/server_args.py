@@ -94,7 +94,7 @@ class ServerArgs:
         if self.stream_interval <= 0:
             raise ServerArgsError(f"stream_interval must be positive, got {self.stream_interval}")
         if self.dp_size != 1:
-            raise ServerArgsError("the native engine runs one data-parallel rank; launch one worker per rank")
+            raise ServerArgsError(f"dp_size={self.dp_size}: the native engine runs one data-parallel rank; launch one worker per rank")
         if self.dtype not in _DTYPES:
             raise ServerArgsError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
