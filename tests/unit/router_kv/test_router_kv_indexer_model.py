@@ -136,6 +136,7 @@ def test_find_matches_agrees_with_brute_force(ops: list[tuple], queries: list[li
         got = index.find_matches(q)
         want = model.scores(q)
         assert got.scores == want
+        assert index.find_matches(q, frequencies=False).scores == want  # the routing fast path
         depth = max(want.values(), default=0)
         assert got.frequencies == [sum(1 for s in want.values() if s > i) for i in range(depth)]
         early = index.find_matches(q, early_exit=True)

@@ -101,11 +101,11 @@ class ActiveSequences:
         children = kids[_ROOT]
         cur = -1
         depth = 0
-        if children is not None:
+        # Ends at a missing child (KeyError) or a leaf (None children: TypeError); see the
+        # indexer's ``_match`` for why.
+        try:
             for h in local_hashes:
-                nid = children.get(h)
-                if nid is None:
-                    break
+                nid = children[h]  # type: ignore[index]
                 m = mask[nid] & cur
                 if m != cur:
                     if depth:
@@ -115,14 +115,13 @@ class ActiveSequences:
                             out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
                             dropped ^= low
                     if not m:
-                        cur = 0
-                        break
+                        return out
                     cur = m
                 depth += 1
                 children = kids[nid]
-                if children is None:
-                    break
-        if depth and cur > 0:
+        except (KeyError, TypeError):
+            pass
+        if depth:
             while cur:
                 low = cur & -cur
                 out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]

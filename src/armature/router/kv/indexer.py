@@ -120,6 +120,8 @@ class KvIndexer:
         ``early_exit`` stops as soon as at most one slot is left; that slot's score is then the
         depth reached so far (a lower bound), which is all a caller needs to pick a worker.
         """
+        if not (early_exit or frequencies):
+            return OverlapScores(self._match(local_hashes), [], dict(self._tree_sizes))
         scores: dict[WorkerKey, int] = {}
         freqs: list[int] = []
         key_of = self._slots.key_of
@@ -159,6 +161,45 @@ class KvIndexer:
                 scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
                 cur ^= low
         return OverlapScores(scores, freqs, dict(self._tree_sizes))
+
+    def _match(self, local_hashes: Sequence[int]) -> dict[WorkerKey, int]:
+        """The routing hot path: ``find_matches`` scores without frequencies or early exit.
+
+        A missing child ends the walk through ``KeyError`` (a leaf's ``None`` children through
+        ``TypeError``): subscripting beats ``dict.get`` plus two tests per level, and the
+        exception is raised once per query.
+        """
+        scores: dict[WorkerKey, int] = {}
+        key_of = self._slots.key_of
+        kids = self._kids
+        mask = self._mask
+        children = kids[_ROOT]
+        cur = -1
+        depth = 0
+        try:
+            for h in local_hashes:
+                nid = children[h]  # type: ignore[index]
+                m = mask[nid] & cur
+                if m != cur:
+                    if depth:
+                        dropped = cur & ~m
+                        while dropped:
+                            low = dropped & -dropped
+                            scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                            dropped ^= low
+                    if not m:
+                        return scores
+                    cur = m
+                depth += 1
+                children = kids[nid]
+        except (KeyError, TypeError):
+            pass
+        if depth:
+            while cur:
+                low = cur & -cur
+                scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                cur ^= low
+        return scores
 
     def tree_sizes(self) -> dict[WorkerKey, int]:
         return dict(self._tree_sizes)
