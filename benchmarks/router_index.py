@@ -29,7 +29,9 @@ import numpy as np
 
 from armature.protocols.hashing import chain_sequence_hashes, compute_local_block_hashes
 from armature.protocols.kv_events import KvCacheEvent, KvRemoved, KvStored, RouterEvent, StoredBlock
-from armature.router.kv import KvRouter, KvRouterConfig
+from prometheus_client import CollectorRegistry
+
+from armature.router.kv import KvRouter, KvRouterConfig, RouterMetrics
 
 VOCAB = 128_000
 
@@ -124,7 +126,9 @@ def main() -> None:
           f"{len(events):,} events, {n_seq:,} cached requests; built in {build_s:.1f} s", flush=True)
 
     # ---------------------------------------------------------------- ingestion
-    router = KvRouter(KvRouterConfig(), block_size=bs, rng=random.Random(args.seed))
+    # Metrics on, as in a deployment: their cost is part of every decision.
+    router = KvRouter(KvRouterConfig(), block_size=bs, rng=random.Random(args.seed),
+                      metrics=RouterMetrics(CollectorRegistry()))
     for wid in worker_ids:
         router.register_worker(wid)
     gc.collect()

@@ -263,6 +263,7 @@ class ActiveSequences:
     def _book_path(self, slot: int, key: WorkerKey, hashes: Sequence[int]) -> array[int]:
         bit = 1 << slot
         kids, mask, refs = self._kids, self._mask, self._refs
+        parent_of, hkey, free_ids = self._parent, self._hkey, self._free_ids
         nid = _ROOT
         path = array("q")
         new_blocks = 0
@@ -272,7 +273,20 @@ class ActiveSequences:
                 children = kids[nid] = {}
             child = children.get(h)
             if child is None:
-                child = children[h] = self._new_node(nid, h)
+                # Inlined node allocation: booking creates up to one node per block.
+                if free_ids:
+                    child = free_ids.pop()
+                    kids[child] = None
+                    mask[child] = 0
+                    parent_of[child] = nid
+                    hkey[child] = h
+                else:
+                    child = len(mask)
+                    kids.append(None)
+                    mask.append(0)
+                    parent_of.append(nid)
+                    hkey.append(h)
+                children[h] = child
             rk = child << _SLOT_BITS | slot
             n = refs.get(rk, 0)
             if not n:
@@ -283,20 +297,6 @@ class ActiveSequences:
             nid = child
         self.active_blocks[key] += new_blocks
         return path
-
-    def _new_node(self, parent: int, h: int) -> int:
-        if self._free_ids:
-            nid = self._free_ids.pop()
-            self._kids[nid] = None
-            self._mask[nid] = 0
-            self._parent[nid] = parent
-            self._hkey[nid] = h
-            return nid
-        self._kids.append(None)
-        self._mask.append(0)
-        self._parent.append(parent)
-        self._hkey.append(h)
-        return len(self._mask) - 1
 
     def _release(self, req: _Request) -> None:
         key, slot = req.key, req.slot
