@@ -551,6 +551,24 @@ class NativeEngine(ThreadedEngine):
 
         return await self._call(stop)
 
+    def _release_memory(self, tags: list[str] | None) -> None:
+        super()._release_memory(tags)
+        if tags is None or "kv_cache" in tags:
+            # Drop the KV buffers themselves; resume_memory allocates them again (zeroed).
+            pool = self.runner.kv_pool
+            self._released_kv = [(t.shape, t.dtype, t.device) for t in pool.k_buffer]
+            pool.k_buffer = [torch.empty(0, dtype=t.dtype, device=t.device) for t in pool.k_buffer]
+            pool.v_buffer = [torch.empty(0, dtype=t.dtype, device=t.device) for t in pool.v_buffer]
+
+    def _resume_memory(self, tags: list[str] | None) -> None:
+        released = getattr(self, "_released_kv", None)
+        if released and (tags is None or "kv_cache" in tags):
+            pool = self.runner.kv_pool
+            pool.k_buffer = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in released]
+            pool.v_buffer = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in released]
+            self._released_kv = None
+        super()._resume_memory(tags)
+
     # --- offline API ---------------------------------------------------------------------
 
     def _encode_text(self, text: str) -> list[int]:

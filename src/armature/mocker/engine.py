@@ -16,7 +16,13 @@ from armature.mocker.runner import SimulatedExecutor
 def _model_facts(model_path: str | None, args: MockerArgs) -> tuple[int, list[int], int | None, int]:
     """vocab size, EOS ids, BOS id and context length from a model folder's config.json if any."""
     if model_path:
-        cfg_path = Path(model_path) / "config.json"
+        folder = Path(model_path)
+        if folder.is_file() and folder.suffix.lower() == ".gguf":
+            # The tokenizer and vocabulary of a GGUF come from its converted folder (made once).
+            from armature.engine.loader import resolve_model_path
+
+            folder = resolve_model_path(folder)
+        cfg_path = folder / "config.json"
         if cfg_path.is_file():
             raw = json.loads(cfg_path.read_text())
             eos = raw.get("eos_token_id")

@@ -127,7 +127,16 @@ async def test_control_calls(engine, tiny_llama_path: Path) -> None:  # type: ig
     after = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 4, "temperature": 0})
     assert after["output_ids"] == before["output_ids"]
     await engine.release_memory()
+    assert engine.runner.kv_pool.k_buffer[0].numel() == 0
+    # Submitted while released: it waits, then runs once memory is back.
+    pending = asyncio.ensure_future(
+        drain(engine, GenerateRequest("queued", prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
+    )
+    await asyncio.sleep(0.2)
+    assert not pending.done() and engine.load_metrics().num_waiting_reqs == 1
     await engine.resume_memory()
+    outs = await pending
+    assert [t for o in outs for t in o.token_ids] == before["output_ids"]
     with pytest.raises(EngineError, match="embeddings"):
         await engine.encode(EncodeRequest("e", [1, 2, 3]))
 
