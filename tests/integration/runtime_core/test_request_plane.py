@@ -298,3 +298,29 @@ async def test_unserved_endpoint_on_live_instance_is_migratable(plane: Plane) ->
         await collect(stream)
     assert err.value.kind == ErrorKind.ENDPOINT_NOT_FOUND and err.value.migratable
     assert instance.instance_id == instance_id
+
+
+async def test_a_stream_dropped_half_read_cancels_its_handler(plane: Plane) -> None:
+    import gc
+
+    worker = plane.runtime()
+    cleaned = asyncio.Event()
+
+    async def endless(request: dict[str, Any], context: Context):
+        try:
+            while True:
+                yield "tick"
+                await asyncio.sleep(0.005)
+        finally:
+            cleaned.set()
+
+    await worker.endpoint("test.dropped.gen").start_serving(endless)
+    client = await plane.runtime().endpoint("test.dropped.gen").client()
+    await client.wait_for_instances(5)
+    stream = await client.round_robin({})
+    assert await stream.__anext__() == "tick"
+    del stream
+    gc.collect()
+    await asyncio.wait_for(cleaned.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert not worker.dispatcher.streams

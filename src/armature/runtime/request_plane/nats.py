@@ -57,7 +57,7 @@ from armature.runtime.request_plane.codec import (
     parse_frame,
 )
 from armature.runtime.request_plane.dispatcher import Dispatcher, HandlerStream
-from armature.runtime.request_plane.stream import ResponseStream
+from armature.runtime.request_plane.stream import ResponseStream, StreamTable
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ class _InstanceChannel(StreamChannel):
         self.client = client
         self.instance = instance
         self.subject = instance.transport.address
-        self.streams: dict[int, ResponseStream] = {}
+        self.streams = StreamTable()
         self.monitor: asyncio.Task[None] | None = None
 
     def send_control(self, stream_key: int, kind: int, amount: int = 0) -> None:
@@ -389,8 +389,8 @@ class _InstanceChannel(StreamChannel):
             log.debug("nats: control message to %s failed: %s", self.subject, e)
 
     def forget(self, stream_key: int) -> None:
-        self.streams.pop(stream_key, None)
-        self.client.streams.pop(stream_key, None)
+        self.streams.pop(stream_key)
+        self.client.streams.pop(stream_key)
 
     def ensure_monitor(self) -> None:
         if self.monitor is None or self.monitor.done():
@@ -424,10 +424,9 @@ class _InstanceChannel(StreamChannel):
             return f"liveness ping failed: {e}"
 
     def fail_all(self, reason: str) -> None:
-        streams, self.streams = self.streams, {}
         error = RequestPlaneError(ErrorKind.DISCONNECTED, reason, True)
-        for key, stream in streams.items():
-            self.client.streams.pop(key, None)
+        for key, stream in self.streams.drain():
+            self.client.streams.pop(key)
             stream.on_error(error)
 
 
@@ -438,7 +437,7 @@ class NatsClient(ClientTransport):
         self.link = link
         self.timeouts = timeouts or PlaneTimeouts.from_env()
         self.inbox = ""
-        self.streams: dict[int, ResponseStream] = {}
+        self.streams = StreamTable()
         self._channels: dict[int, _InstanceChannel] = {}
         self._next_sid = 0
         self._sub: object | None = None
@@ -505,8 +504,8 @@ class NatsClient(ClientTransport):
         )
         if stream.finished:
             return stream
-        self.streams[sid] = stream
-        channel.streams[sid] = stream
+        self.streams.add(sid, stream)
+        channel.streams.add(sid, stream)
         data = bytearray()
         append_frame(data, FrameKind.REQUEST, sid, encode_request_body(head, payload))
         try:

@@ -8,6 +8,7 @@ handler may run at most ``window`` items ahead, and credit flows back as the cal
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
 from typing import Any
 
@@ -47,7 +48,16 @@ class ResponseStream:
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(
             first_response_s, self._first_response_timeout, first_response_s
         )
-        context.add_callback(self._on_context)
+        # Weakly: a linked parent context must not keep a stream its caller dropped alive.
+        ref = weakref.ref(self)
+
+        def on_context(ctx: Context) -> None:
+            stream = ref()
+            if stream is not None:
+                stream._on_context(ctx)
+
+        self._context_callback = on_context
+        context.add_callback(on_context)
         if context.is_killed():
             self._on_context(context)
 
@@ -178,7 +188,7 @@ class ResponseStream:
             return
         self._released = True
         self._cancel_timer()
-        self.context.remove_callback(self._on_context)
+        self.context.remove_callback(self._context_callback)
         self.context.detach()
         self._channel.forget(self._key)
 
@@ -186,3 +196,40 @@ class ResponseStream:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+class StreamTable:
+    """A transport's open caller streams by key, held weakly.
+
+    A stream whose caller dropped it half-read is collected; its ``__del__`` then kills the
+    handler. Frames that still arrive for it find nothing and are dropped.
+    """
+
+    __slots__ = ("_refs",)
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref[ResponseStream]] = {}
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._refs
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, key: int, stream: ResponseStream) -> None:
+        self._refs[key] = weakref.ref(stream)
+
+    def get(self, key: int) -> ResponseStream | None:
+        ref = self._refs.get(key)
+        return None if ref is None else ref()
+
+    def pop(self, key: int) -> None:
+        self._refs.pop(key, None)
+
+    def drain(self) -> list[tuple[int, ResponseStream]]:
+        """Remove and return every live stream."""
+        refs, self._refs = self._refs, {}
+        return [(key, stream) for key, ref in refs.items() if (stream := ref()) is not None]
+
+    def live(self) -> list[ResponseStream]:
+        return [stream for ref in list(self._refs.values()) if (stream := ref()) is not None]

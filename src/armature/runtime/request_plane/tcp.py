@@ -43,7 +43,7 @@ from armature.runtime.request_plane.codec import (
     encode_request_body,
 )
 from armature.runtime.request_plane.dispatcher import Dispatcher, HandlerStream
-from armature.runtime.request_plane.stream import ResponseStream
+from armature.runtime.request_plane.stream import ResponseStream, StreamTable
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class _ClientConnection(_Connection, StreamChannel):
     def __init__(self, address: str, limit: int, on_gone: Callable[[_ClientConnection], None]) -> None:
         super().__init__(limit)
         self.address = address
-        self.streams: dict[int, ResponseStream] = {}
+        self.streams = StreamTable()
         self._next_sid = 0
         self._on_gone = on_gone
 
@@ -381,14 +381,13 @@ class _ClientConnection(_Connection, StreamChannel):
 
     def _on_version_mismatch(self, e: VersionMismatch) -> None:
         error = RequestPlaneError(ErrorKind.VERSION_MISMATCH, str(e), False)
-        for stream in list(self.streams.values()):
+        for stream in self.streams.live():
             stream.on_error(error)
 
     def on_closed(self, reason: str) -> None:
         self._on_gone(self)
-        streams, self.streams = self.streams, {}
         error = RequestPlaneError(ErrorKind.DISCONNECTED, f"connection to {self.address} failed: {reason}", True)
-        for stream in streams.values():
+        for _, stream in self.streams.drain():
             stream.on_error(error)
 
     # StreamChannel
@@ -397,7 +396,7 @@ class _ClientConnection(_Connection, StreamChannel):
             self.send(FrameKind(kind), stream_key, encode_int(amount) if kind == FrameKind.CREDIT else _EMPTY)
 
     def forget(self, stream_key: int) -> None:
-        self.streams.pop(stream_key, None)
+        self.streams.pop(stream_key)
 
 
 class TcpClient(ClientTransport):
@@ -469,7 +468,7 @@ class TcpClient(ClientTransport):
             conn, sid, context, decoder, instance.instance_id, self.timeouts.window, self.timeouts.first_response_s
         )
         if not stream.finished:  # a caller context killed before the call sends nothing
-            conn.streams[sid] = stream
+            conn.streams.add(sid, stream)
             conn.send(FrameKind.REQUEST, sid, encode_request_body(head, payload))
         return stream
 
