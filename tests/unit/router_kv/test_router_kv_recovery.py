@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from prometheus_client import CollectorRegistry
@@ -9,6 +10,7 @@ from router_kv_tools import BS, SimWorker, held_paths, tokens
 
 from armature.protocols.hashing import compute_local_block_hashes
 from armature.router.kv import InProcessGapHandler, KvRouter, LocalKvIndexer, RouterMetrics
+from armature.router.kv.messages import EventRangeReply, WorkerSnapshot
 
 
 def traffic(worker: SimWorker, rng: random.Random, n: int) -> list:
@@ -128,3 +130,30 @@ async def test_unreachable_worker_restarts_empty_instead_of_stalling() -> None:
     for ev in events[3:]:
         await router.on_event(ev)
     assert router.indexer.last_event_id(11) == events[-1].event.event_id
+
+
+class SilentWorker:
+    """A GapHandler whose worker never answers (hung process, partitioned network)."""
+
+    def __init__(self) -> None:
+        self.never = asyncio.Event()
+
+    async def fetch_events(self, worker_id: int, first: int, last: int) -> EventRangeReply:
+        await self.never.wait()
+        raise AssertionError("unreachable")
+
+    async def fetch_snapshot(self, worker_id: int) -> WorkerSnapshot:
+        await self.never.wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_hung_worker_times_out_and_indexing_resumes() -> None:
+    worker = SimWorker(12)
+    router = KvRouter(block_size=BS, gap_handler=SilentWorker(), recovery_timeout_s=0.05)
+    router.register_worker(12)
+    events = traffic(worker, random.Random(9), 20)
+    await router.on_event(events[0])
+    await router.on_event(events[3])
+    await asyncio.wait_for(router.drain(), 5)
+    assert router.indexer.open_gap(12) is None
+    assert router.indexer.last_event_id(12) == events[3].event.event_id

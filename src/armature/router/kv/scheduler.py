@@ -114,12 +114,17 @@ class KvScheduler:
             base = {k: w * active_prefill.get(k, 0) + active_blocks.get(k, 0) for k in candidates}
         else:
             base = base_load
+        # overlap * block_size never exceeds isl (only full blocks match), so the prefill
+        # correction is simply weight * overlap.
+        get = base.get
         for k, ov in overlaps.items():
-            if k in base:
-                base[k] -= w * min(ov * bs, isl)
+            v = get(k)
+            if v is not None:
+                base[k] = v - overlap_score_weight * ov
         for k, n in already_active.items():
-            if k in base:
-                base[k] -= n
+            v = get(k)
+            if v is not None:
+                base[k] = v - n
         const = w * isl + shape.request_blocks
 
         if temperature <= 0:

@@ -83,6 +83,7 @@ class KvRouter:
         sync_publisher: SyncPublisher | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        recovery_timeout_s: float = 10.0,
     ) -> None:
         self.config = config = config if config is not None else KvRouterConfig()
         bs = config.kv_cache_block_size or block_size
@@ -94,6 +95,9 @@ class KvRouter:
         self.router_id = router_id if router_id is not None else random.getrandbits(63)
         self.metrics = metrics
         self.gap_handler = gap_handler
+        # Every fetch from a worker's local indexer is bounded; a hung worker must not leave
+        # its events buffered forever.
+        self.recovery_timeout_s = recovery_timeout_s
         self.sync_publisher = sync_publisher if config.router_replica_sync else None
         if config.router_replica_sync and sync_publisher is None:
             raise ValueError("--router-replica-sync needs a sync publisher (the event plane)")
@@ -233,7 +237,9 @@ class KvRouter:
         indexer = self.indexer
         while (gap := indexer.open_gap(worker_id)) is not None:
             try:
-                reply = await self.gap_handler.fetch_events(worker_id, gap.first, gap.last)
+                reply = await asyncio.wait_for(
+                    self.gap_handler.fetch_events(worker_id, gap.first, gap.last), self.recovery_timeout_s
+                )
             except Exception:
                 logger.exception("fetching events %d..%d of worker %x failed", gap.first, gap.last, worker_id)
                 self._count_recovery("range", "error")
@@ -252,7 +258,9 @@ class KvRouter:
     async def _load_snapshot(self, worker_id: int) -> None:
         assert self.indexer is not None and self.gap_handler is not None
         try:
-            snap: WorkerSnapshot = await self.gap_handler.fetch_snapshot(worker_id)
+            snap: WorkerSnapshot = await asyncio.wait_for(
+                self.gap_handler.fetch_snapshot(worker_id), self.recovery_timeout_s
+            )
         except Exception:
             # Forget what we knew and continue from the buffered events: the index then
             # under-estimates this worker's cache, which only costs hits, never correctness.
