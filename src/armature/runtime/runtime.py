@@ -237,6 +237,7 @@ class DistributedRuntime:
         self._events: Any = None  # EventPlane, created on first use
         self._served: dict[str, _ServedRegistration] = {}
         self._start_lock = asyncio.Lock()
+        self._transport_lock = asyncio.Lock()  # endpoints starting together share one server
         self._started = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
@@ -309,6 +310,10 @@ class DistributedRuntime:
 
     async def _server_transport(self) -> ServerTransport:
         await self.start()
+        async with self._transport_lock:
+            return await self._create_server_transport()
+
+    async def _create_server_transport(self) -> ServerTransport:
         if self._server is None:
             if self.request_plane == "tcp":
                 from armature.runtime.request_plane.tcp import TcpServer
@@ -326,6 +331,10 @@ class DistributedRuntime:
 
     async def client_transport(self) -> ClientTransport:
         await self.start()
+        async with self._transport_lock:
+            return await self._create_client_transport()
+
+    async def _create_client_transport(self) -> ClientTransport:
         if self._client_transport is None:
             if self.request_plane == "tcp":
                 from armature.runtime.request_plane.tcp import TcpClient

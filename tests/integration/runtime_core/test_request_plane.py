@@ -324,3 +324,20 @@ async def test_a_stream_dropped_half_read_cancels_its_handler(plane: Plane) -> N
     await asyncio.wait_for(cleaned.wait(), 5)
     await asyncio.sleep(0.05)
     assert not worker.dispatcher.streams
+
+
+async def test_endpoints_started_together_share_one_server(plane: Plane) -> None:
+    worker = plane.runtime()
+    await asyncio.gather(
+        worker.endpoint("test.multi.a").start_serving(count_up),
+        worker.endpoint("test.multi.b").start_serving(echo_typed),
+    )
+    caller = plane.runtime()
+    a = await caller.endpoint("test.multi.a").client()
+    b = await caller.endpoint("test.multi.b").client(response_type=Piece)
+    await a.wait_for_instances(5)
+    await b.wait_for_instances(5)
+    assert a.instances()[0].transport == b.instances()[0].transport
+    assert a.instance_ids() == b.instance_ids() == [worker.instance_id]
+    assert await collect(await a.round_robin({"n": 2})) == [{"stream": None, "i": 0}, {"stream": None, "i": 1}]
+    assert await collect(await b.round_robin(Prompt("z", 1))) == [Piece(0, "z")]
