@@ -116,6 +116,8 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
     """Handler, publisher, serve, register. Raises ``RegistrationError`` if the card cannot be published."""
     if config.serving_mode is ServingMode.PREFILL:
         raise ConfigError("prefill workers (--disaggregation-mode prefill) are not supported yet")
+    if config.dynamo.embedding_worker:
+        raise ConfigError("embedding workers (--embedding-worker) are not supported yet; this worker generates")
     endpoint = runtime.endpoint(str(config.endpoint))
     ready = asyncio.Event()
     handler = DecodeWorkerHandler(engine, ready, asyncio.Event())
