@@ -341,3 +341,23 @@ async def test_endpoints_started_together_share_one_server(plane: Plane) -> None
     assert a.instance_ids() == b.instance_ids() == [worker.instance_id]
     assert await collect(await a.round_robin({"n": 2})) == [{"stream": None, "i": 0}, {"stream": None, "i": 1}]
     assert await collect(await b.round_robin(Prompt("z", 1))) == [Piece(0, "z")]
+
+
+async def test_an_unencodable_item_fails_its_stream_only(plane: Plane) -> None:
+    worker = plane.runtime()
+
+    async def odd(request: dict[str, Any], context: Context):
+        yield 1
+        if request["bad"]:
+            yield object()
+        yield 2
+
+    await worker.endpoint("test.odd.gen").start_serving(odd)
+    client = await plane.runtime().endpoint("test.odd.gen").client()
+    await client.wait_for_instances(5)
+    good = await client.round_robin({"bad": False})
+    bad = await client.round_robin({"bad": True})
+    with pytest.raises(RequestPlaneError) as err:
+        await collect(bad)
+    assert err.value.kind == ErrorKind.HANDLER_ERROR and "cannot be encoded" in err.value.message
+    assert await collect(good) == [1, 2]

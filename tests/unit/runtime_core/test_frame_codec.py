@@ -95,3 +95,12 @@ def test_request_body_round_trip() -> None:
     assert got_head == head and msgspec.msgpack.decode(payload) == {"a": [1, 2]}
     kind, sid, view = parse_frame(frame_bytes(FrameKind.REQUEST, 5, body))
     assert (kind, sid, bytes(view)) == (FrameKind.REQUEST, 5, body)
+
+
+def test_an_unencodable_item_leaves_no_half_frame() -> None:
+    buf = bytearray()
+    append_item(buf, 1, "ok")
+    before = bytes(buf)
+    with pytest.raises(TypeError):
+        append_item(buf, 2, object())
+    assert bytes(buf) == before

@@ -89,7 +89,11 @@ def append_item(
     """
     start = len(buf)
     buf += _HEADER_SPACE
-    encoder.encode_into(item, buf, -1)
+    try:
+        encoder.encode_into(item, buf, -1)
+    except BaseException:
+        del buf[start:]  # leave no half frame behind for the other streams on this connection
+        raise
     size = len(buf) - start - HEADER_SIZE
     if size > limit:
         del buf[start:]
