@@ -290,3 +290,24 @@ async def test_worker_publishes_kv_events_and_load(native_worker: WorkerProcess,
         assert ids == list(range(ids[0], ids[0] + len(ids)))  # consecutive per worker
     finally:
         await plane.close()
+
+
+def test_failed_registration_exits_non_zero(tmp_path: Path, tiny_llama_path: Path) -> None:
+    import json
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_llama_path, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    worker = start_worker(tmp_path, "--engine", "native", "--model-path", str(model), "--page-size", "16",
+                          "--max-total-tokens", "1024")
+    try:
+        assert worker.proc.wait(START_TIMEOUT_S) == 1
+    finally:
+        worker.stop()
+    assert "no chat template" in worker.log()
+    # Nothing of the worker stays in discovery.
+    assert not [p for p in worker.kv_root.rglob("*") if "instances" in p.name or "mdc" in p.name]
