@@ -18,12 +18,14 @@ from typing import Any
 
 from armature.engine.api import Engine
 from armature.protocols.llm import PreprocessedRequest
+from armature.router.kv.messages import EventRangeQuery
 from armature.runtime.runtime import DistributedRuntime, Endpoint, RuntimeSettings
 from armature.sglang.args import ConfigError, ServingMode, WorkerConfig, parse_args
 from armature.sglang.config_dump import dump_config
 from armature.sglang.engines import create_engine
 from armature.sglang.event_sink import WorkerEventSink, create_event_sink
 from armature.sglang.handlers.decode import DecodeWorkerHandler
+from armature.sglang.handlers.kv_query import QUERY_ENDPOINT, SNAPSHOT_ENDPOINT, KvQueryHandler
 from armature.sglang.health_check import decode_payload
 from armature.sglang.logs import configure_logging
 from armature.sglang.publisher import KV_EVENTS_TOPIC, LOAD_TOPIC, WorkerPublisher
@@ -112,6 +114,16 @@ def register_engine_routes(runtime: DistributedRuntime, engine: Engine, endpoint
         runtime.register_engine_route(name, route)
 
 
+async def serve_kv_queries(runtime: DistributedRuntime, config: WorkerConfig, publisher: WorkerPublisher) -> None:
+    """The local-indexer endpoints the KV router uses to recover missed events."""
+    queries = KvQueryHandler(publisher.local_indexer)
+    ns, component = config.endpoint.namespace, config.endpoint.component
+    await runtime.endpoint(f"{ns}.{component}.{QUERY_ENDPOINT}").start_serving(
+        queries.events, request_type=EventRangeQuery
+    )
+    await runtime.endpoint(f"{ns}.{component}.{SNAPSHOT_ENDPOINT}").start_serving(queries.snapshot)
+
+
 async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine: Engine) -> RunningWorker:
     """Handler, publisher, serve, register. Raises ``RegistrationError`` if the card cannot be published."""
     if config.serving_mode is ServingMode.PREFILL:
@@ -143,6 +155,7 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
             health_check_payload=payload,
             request_type=PreprocessedRequest,
         )
+        await serve_kv_queries(runtime, config, publisher)
         await register_with_readiness_gate(lambda: endpoint.register_model(card), ready, engine)
     except BaseException:
         await publisher.close()

@@ -41,6 +41,7 @@ from armature.protocols.kv_events import (
     decode_event_batch,
 )
 from armature.protocols.load import ActiveLoad
+from armature.router.kv.local_indexer import LocalKvIndexer
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ class WorkerPublisher:
         self.gauges = WorkerGauges.create(registry)
         self.labels = (model, component, "0")
         self.converter = KvEventConverter(worker_id, engine.info.page_size)
+        # The worker's own index and event log: routers that missed events ask it to fill the gap.
+        self.local_indexer = LocalKvIndexer(worker_id)
         self.kv_events_relayed = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._zmq: zmq.asyncio.Context | None = None
@@ -260,6 +263,7 @@ class WorkerPublisher:
                     log.warning("undecodable KV event batch: %s", exc)
                     continue
                 for event in self.converter.convert(batch):
+                    self.local_indexer.append(event)
                     await self.publish(KV_EVENTS_TOPIC, encode_router_event(event))
                     self.kv_events_relayed += 1
                 self.gauges.kv_events.labels(*self.labels).set(self.kv_events_relayed)

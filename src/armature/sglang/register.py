@@ -67,7 +67,9 @@ def build_runtime_config(config: WorkerConfig, info: EngineInfo) -> RuntimeConfi
         bootstrap_port=info.bootstrap_port if disaggregated else None,
         tool_call_parser=config.dynamo.dyn_tool_call_parser,
         reasoning_parser=config.dynamo.dyn_reasoning_parser,
-        enable_local_indexer=False,
+        # The worker answers kv_indexer_query / kv_indexer_snapshot (handlers/kv_query.py);
+        # as in Dynamo, decode workers leave KV-aware routing to the prefill side.
+        enable_local_indexer=config.serving_mode is not ServingMode.DECODE,
     )
 
 

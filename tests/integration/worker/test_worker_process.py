@@ -288,6 +288,20 @@ async def test_worker_publishes_kv_events_and_load(native_worker: WorkerProcess,
             if isinstance(event.event.data, KvStored):
                 seen.extend(b.tokens_hash for b in event.event.data.blocks)
         assert ids == list(range(ids[0], ids[0] + len(ids)))  # consecutive per worker
+
+        # A router that missed those events recovers them from the worker's local indexer.
+        from armature.router.kv.messages import EventRangeQuery, EventRangeReply, WorkerSnapshot
+
+        query = await rt.endpoint("dynamo.backend.kv_indexer_query").client(response_type=EventRangeReply)
+        await query.wait_for_instances(timeout_s=30)
+        stream = await query.direct(EventRangeQuery(worker_id=worker_id, first=ids[0], last=ids[-1]), worker_id)
+        (reply,) = [r async for r in stream]
+        assert reply.complete and [e.event.event_id for e in reply.events] == ids
+        snap_client = await rt.endpoint("dynamo.backend.kv_indexer_snapshot").client(response_type=WorkerSnapshot)
+        await snap_client.wait_for_instances(timeout_s=30)
+        (snap,) = [s async for s in await snap_client.direct(None, worker_id)]
+        stored = {b.tokens_hash for e in snap.events if isinstance(e.event.data, KvStored) for b in e.event.data.blocks}
+        assert set(expected) <= stored and snap.last_event_id is not None and snap.last_event_id >= ids[-1]
     finally:
         await plane.close()
 

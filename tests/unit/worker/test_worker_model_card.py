@@ -47,6 +47,7 @@ def test_card_fields(model_dir: Path) -> None:
     assert (rc.total_kv_blocks, rc.max_num_seqs, rc.max_num_batched_tokens, rc.data_parallel_size) == (512, 64, 4096, 1)
     assert rc.tool_call_parser == "hermes" and rc.reasoning_parser is None
     assert rc.bootstrap_port is None  # aggregated workers publish no bootstrap endpoint
+    assert rc.enable_local_indexer is True
 
 
 def test_custom_template_wins(model_dir: Path, tmp_path: Path) -> None:
