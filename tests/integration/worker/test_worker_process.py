@@ -65,7 +65,8 @@ class WorkerProcess:
                 self.proc.wait(10)
 
 
-def start_worker(tmp: Path, *args: str, grace_s: float = 30.0) -> WorkerProcess:
+def start_worker(tmp: Path, *args: str, grace_s: float = 30.0, discovery: str = "file",
+                 extra_env: dict[str, str] | None = None) -> WorkerProcess:
     kv_root = tmp / "kv"
     kv_root.mkdir(exist_ok=True)
     log_path = tmp / f"worker-{time.monotonic_ns()}.log"
@@ -75,10 +76,11 @@ def start_worker(tmp: Path, *args: str, grace_s: float = 30.0) -> WorkerProcess:
         "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": str(grace_s),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
     })
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "armature.sglang", "--discovery-backend", "file", "--system-port", "0", *args],
+            [sys.executable, "-m", "armature.sglang", "--discovery-backend", discovery, "--system-port", "0", *args],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     return WorkerProcess(proc, kv_root, log_path)
@@ -325,3 +327,38 @@ def test_failed_registration_exits_non_zero(tmp_path: Path, tiny_llama_path: Pat
     assert "no chat template" in worker.log()
     # Nothing of the worker stays in discovery.
     assert not [p for p in worker.kv_root.rglob("*") if "instances" in p.name or "mdc" in p.name]
+
+
+async def test_cluster_mode_etcd_and_nats(tmp_path: Path, tiny_llama_path: Path, etcd_server, nats_server) -> None:
+    from armature.protocols.load import ActiveLoad
+    from armature.runtime.discovery.etcd import EtcdStore
+    from armature.runtime.event_plane.base import EventScope
+    from armature.runtime.event_plane.factory import create_event_plane
+
+    worker = start_worker(
+        tmp_path, "--engine", "mocker", "--model-path", str(tiny_llama_path), "--served-model-name", "tiny",
+        "--page-size", "16", "--request-plane", "nats", "--event-plane", "nats", discovery="etcd",
+        extra_env={"ETCD_ENDPOINTS": etcd_server.url, "NATS_SERVER": nats_server.url},
+    )
+    rt = DistributedRuntime(EtcdStore([etcd_server.url]), "nats", "nats", nats_url=nats_server.url)
+    await rt.start()
+    plane = create_event_plane("nats", nats_server=nats_server.url)
+    try:
+        loads = plane.subscriber(EventScope("dynamo", "backend"), "load_metrics")
+        await loads.start()
+        client = await rt.endpoint(ENDPOINT).client(response_type=LLMEngineOutput)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not client.instance_ids():
+            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.log()
+            await asyncio.sleep(0.1)
+        outs = await _collect(client, _request(list(range(7, 27)), 5))
+        assert sum(len(o.token_ids) for o in outs) == 5 and outs[-1].finish_reason is FinishReason.LENGTH
+        env = await asyncio.wait_for(anext(aiter(loads)), 30)
+        assert msgspec.msgpack.decode(env.payload, type=ActiveLoad).worker_id == client.instance_ids()[0]
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.proc.wait, 60) == 0, worker.log()
+        assert not await rt.discovery.get_prefix("v1/instances/dynamo/backend/")
+    finally:
+        worker.stop()
+        await plane.close()
+        await rt.shutdown(grace_period_s=0.0)
