@@ -154,6 +154,16 @@ async def test_native_worker_serves_streams(native_worker: WorkerProcess, make_c
     assert [t for o in second for t in o.token_ids] == [t for o in first for t in o.token_ids]
     assert second[-1].usage.cached_tokens >= 32
 
+    # The engine control route empties the prefix cache: the same prompt is computed afresh.
+    url = native_worker.status_url()
+    assert url is not None, native_worker.log()
+    req = urllib.request.Request(url + "/engine/flush_cache", data=b"{}", method="POST",
+                                 headers={"content-type": "application/json"})
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=10).read())
+    assert msgspec.json.decode(body) == {"status": "ok"}
+    third = await _collect(client, _request(prompt, 8))
+    assert third[-1].usage.cached_tokens == 0
+
 
 async def test_stop_mid_stream_and_bad_request(native_worker: WorkerProcess, make_client) -> None:
     _, client = await make_client(native_worker)
