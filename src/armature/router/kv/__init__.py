@@ -5,7 +5,7 @@ from __future__ import annotations
 from armature.router.kv.active_sequences import ActiveSequences
 from armature.router.kv.approx import ApproxKvIndexer
 from armature.router.kv.config import KvRouterConfig, add_router_args
-from armature.router.kv.gap_recovery import GapHandler, InProcessGapHandler
+from armature.router.kv.gap_recovery import GapHandler, InProcessGapHandler, RequestPlaneGapHandler
 from armature.router.kv.indexer import EventGap, KvIndexer, OverlapScores
 from armature.router.kv.local_indexer import LocalKvIndexer
 from armature.router.kv.messages import ReplicaSyncMessage, SeqAdded, SeqFreed, SeqPrefillDone, WorkerSnapshot
@@ -27,6 +27,7 @@ __all__ = [
     "NoWorkersError",
     "OverlapScores",
     "ReplicaSyncMessage",
+    "RequestPlaneGapHandler",
     "RouterMetrics",
     "RoutingDecision",
     "SeqAdded",
