@@ -59,6 +59,8 @@ def decode_payload(model: str, bos_token_id: int | None) -> dict[str, Any]:
     """JSON object form (what the runtime stores and sends), env override applied."""
     override = _env_override()
     if override is not None:
+        # Dynamo's payloads carry no model name; our request struct requires one.
+        override.setdefault("model", model)
         return override
     return msgspec.to_builtins(decode_request(model, bos_token_id))
 

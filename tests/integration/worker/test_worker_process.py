@@ -372,3 +372,33 @@ async def test_cluster_mode_etcd_and_nats(tmp_path: Path, tiny_llama_path: Path,
         worker.stop()
         await plane.close()
         await rt.shutdown(grace_period_s=0.0)
+
+
+async def test_idle_worker_answers_health_canaries(tmp_path: Path, tiny_llama_path: Path, make_client) -> None:
+    worker = start_worker(
+        tmp_path, "--engine", "mocker", "--model-path", str(tiny_llama_path), "--page-size", "16",
+        extra_env={"DYN_HEALTH_CHECK_ENABLED": "1", "DYN_CANARY_WAIT_TIME": "0.3"},
+    )
+    try:
+        await make_client(worker)
+        url = worker.status_url()
+        assert url is not None, worker.log()
+
+        def canaries_answered() -> float:
+            body = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+            for line in body.splitlines():
+                if line.startswith("armature_component_requests_total{") and 'endpoint="generate"' in line:
+                    return float(line.rsplit(" ", 1)[1])
+            return 0.0
+
+        deadline = time.monotonic() + 30
+        # No client traffic at all: every request the endpoint counted is the runtime's canary,
+        # built from the worker's health payload (BOS, max_tokens 1), and it succeeded.
+        while await asyncio.to_thread(canaries_answered) < 2:
+            assert time.monotonic() < deadline, worker.log()
+            await asyncio.sleep(0.2)
+        health = await asyncio.to_thread(lambda: urllib.request.urlopen(url + "/health", timeout=5).read())
+        assert msgspec.json.decode(health)["status"] == "ready"
+        assert "health check" not in worker.log()
+    finally:
+        worker.stop()

@@ -30,11 +30,11 @@ def test_prefill_payload(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", json.dumps({"token_ids": [9]}))
-    assert decode_payload("m", 1) == {"token_ids": [9]}
+    assert decode_payload("m", 1) == {"token_ids": [9], "model": "m"}
     f = tmp_path / "p.json"
     f.write_text('{"token_ids": [10]}')
     monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", f"@{f}")
-    assert decode_payload("m", 1) == {"token_ids": [10]}
+    assert decode_payload("m", 1) == {"token_ids": [10], "model": "m"}
     monkeypatch.setenv("DYN_HEALTH_CHECK_PAYLOAD", "[1, 2]")
     with pytest.raises(HealthCheckPayloadError, match="JSON object"):
         decode_payload("m", 1)
