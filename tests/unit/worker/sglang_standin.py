@@ -50,6 +50,7 @@ class StandInSglEngine:
         bos: int = 1,
         eos: int = 2,
         hold_first_token: asyncio.Event | None = None,
+        vanish_after: int | None = None,
     ) -> None:
         self.server_args = SimpleNamespace(
             model_path="/models/standin",
@@ -67,6 +68,8 @@ class StandInSglEngine:
         self.calls: list[dict[str, Any]] = []
         self.aborted: set[str] = set()
         self.hold_first_token = hold_first_token
+        # Simulates the engine process dying: the stream just ends after this many tokens.
+        self.vanish_after = vanish_after
         self.running: set[str] = set()
         self._seen_prompts: list[list[int]] = []
         self.shut_down = False
@@ -143,6 +146,8 @@ class StandInSglEngine:
                     meta["finish_reason"] = {"type": "abort", "message": "Abort in waiting queue",
                                              "status_code": 200}
                     yield {"output_ids": [], "meta_info": meta}
+                    return
+                if self.vanish_after is not None and generated >= self.vanish_after:
                     return
                 token = (prev * 7 + 3) % vocab
                 prev = token

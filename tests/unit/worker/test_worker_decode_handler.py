@@ -160,3 +160,12 @@ async def test_no_max_tokens_means_up_to_the_context() -> None:
     outs = await _run(handler, _req([1, 2, 3], max_tokens=None))
     assert sgl.calls[0]["sampling_params"]["max_new_tokens"] == 13
     assert outs[-1].finish_reason is FinishReason.LENGTH
+
+
+async def test_engine_stream_ending_without_finish_is_migratable() -> None:
+    handler, _ = _handler(StandInSglEngine(vanish_after=2))
+    got: list[LLMEngineOutput] = []
+    with pytest.raises(EngineShutdown) as exc:
+        async for out in handler.generate(_req([1, 2], max_tokens=10), Context()):
+            got.append(out)
+    assert exc.value.migratable and sum(len(o.token_ids) for o in got) == 2

@@ -147,6 +147,9 @@ class DecodeWorkerHandler(BaseWorkerHandler):
                         yield to_engine_output(out, request)
                         if finished:
                             return
+                # The engine ended the stream without a finish reason: it is going away, so the
+                # caller should continue the request elsewhere rather than see a silent cut.
+                raise EngineShutdown("the engine ended the stream without finishing the request")
             except InvalidRequestError as exc:
                 finished = True
                 raise RequestPlaneError(ErrorKind.INVALID_REQUEST, str(exc), migratable=False) from exc
