@@ -321,7 +321,9 @@ class KvIndexer:
             self._apply(worker_id, ev.event)
         self.stats.snapshots_loaded += 1
         pending = log.pending or []
-        log.last_event_id = last_event_id
+        # A worker that had published nothing numbers its first event 0 (the publisher's
+        # contract), so anything after -1 that is missing is a gap, not a new baseline.
+        log.last_event_id = last_event_id if last_event_id is not None else -1
         return self._drain(log, pending)
 
     def _drain(self, log: _WorkerLog, pending: list[RouterEvent]) -> EventGap | None:
