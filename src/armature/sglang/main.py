@@ -184,6 +184,10 @@ async def run_workers(configs: Sequence[WorkerConfig]) -> int:
     workers: list[RunningWorker] = []
     try:
         for rt, config in zip(runtimes, configs, strict=True):
+            startup = float(config.engine_extra.get("startup_time_s") or 0.0)
+            if startup > 0:
+                # The mocker's --startup-time: look like a worker that takes this long to load.
+                await asyncio.sleep(startup)
             engine = await create_engine(config)
             if rt.shutting_down:
                 # A signal arrived while the model loaded: nothing was served, nothing to drain.

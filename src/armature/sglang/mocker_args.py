@@ -8,6 +8,7 @@ events and load, and streams token ids at the pace of a timing model.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel-size", type=_positive_int, default=1)
     p.add_argument("--num-workers", type=_positive_int, default=1,
                    help="mocker engines in this process, each its own instance")
+    p.add_argument("--startup-time", type=_non_negative_float, default=None,
+                   help="seconds to wait before the engine starts (simulates model loading)")
+    p.add_argument("--extra-engine-args", default=None,
+                   help="JSON file of mocker engine args (same names as the flags, with underscores); "
+                        "flags given on the command line win")
     p.add_argument("--context-length", type=_positive_int, default=None,
                    help="override the context length read from the model config")
     add_env_flag(p, "--discovery-backend", env="DYN_DISCOVERY_BACKEND", default=default_discovery_backend(),
@@ -88,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_mocker_args(argv: Sequence[str]) -> list[WorkerConfig]:
     """One ``WorkerConfig`` per ``--num-workers`` (they differ only in their instance)."""
-    args = build_parser().parse_args(list(argv))
+    argv = list(argv)
+    args = build_parser().parse_args(argv)
+    if args.extra_engine_args:
+        _apply_extra_engine_args(args, args.extra_engine_args, argv)
     if args.data_parallel_size != 1:
         raise ConfigError("--data-parallel-size: the mocker runs one rank per worker; use --num-workers")
     if not 0.0 <= args.watermark < 1.0:
@@ -142,11 +151,53 @@ def parse_mocker_args(argv: Sequence[str]) -> list[WorkerConfig]:
                 serving_mode=ServingMode.AGGREGATED,
                 model_types=parse_endpoint_types(args.endpoint_types),
                 resolved_model_path=resolved,
-                engine_extra={"mocker": dict(mocker_extra)},
+                engine_extra={"mocker": dict(mocker_extra), "startup_time_s": args.startup_time or 0.0},
                 log_level=args.log_level,
             )
         )
     return configs
+
+
+# Engine args a --extra-engine-args file may set (the mocker flags, underscored) and their types.
+EXTRA_ENGINE_KEYS: dict[str, type] = {
+    "num_gpu_blocks_override": int, "block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int,
+    "enable_prefix_caching": bool, "enable_chunked_prefill": bool, "watermark": float, "speedup_ratio": float,
+    "context_length": int, "startup_time": float,
+}
+
+
+def _valid_engine_value(kind: type, value: object) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind is int:
+        return isinstance(value, int) and value > 0
+    return value >= 0
+
+
+def _apply_extra_engine_args(args: argparse.Namespace, path: str, argv: list[str]) -> None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--extra-engine-args {path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--extra-engine-args {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--extra-engine-args {path} must hold a JSON object")
+    unknown = sorted(set(data) - set(EXTRA_ENGINE_KEYS))
+    if unknown:
+        raise ConfigError(f"--extra-engine-args {path}: unknown keys {unknown}; known: {sorted(EXTRA_ENGINE_KEYS)}")
+    given = {a.split("=", 1)[0].removeprefix("--no-").removeprefix("--").replace("-", "_")
+             for a in argv if a.startswith("--")}
+    for key, value in data.items():
+        kind = EXTRA_ENGINE_KEYS[key]
+        if not _valid_engine_value(kind, value):
+            wanted = {int: "positive int", float: "non-negative number", bool: "boolean"}[kind]
+            raise ConfigError(f"--extra-engine-args {path}: {key} must be a {wanted}, got {value!r}")
+        if key not in given:
+            setattr(args, key, value)
 
 
 def _resolve_default(model_path: str | None) -> str:

@@ -50,3 +50,22 @@ def test_bad_values(model_dir: str) -> None:
         parse_mocker_args(["--model-path", model_dir, "--speedup-ratio", "-1"])
     with pytest.raises(ConfigError, match="Hub id"):
         parse_mocker_args(["--model-path", "org/model"])
+
+
+def test_extra_engine_args_file(model_dir: str, tmp_path: Path) -> None:
+    import json
+
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"block_size": 32, "speedup_ratio": 4.0, "enable_prefix_caching": False,
+                                 "startup_time": 1.5}))
+    (cfg,) = parse_mocker_args(["--model-path", model_dir, "--extra-engine-args", str(extra), "--speedup-ratio", "2"])
+    assert cfg.server.page_size == 32 and cfg.engine_extra["mocker"]["block_size"] == 32
+    assert cfg.engine_extra["mocker"]["speedup_ratio"] == 2.0  # the command line wins
+    assert cfg.engine_extra["mocker"]["enable_prefix_caching"] is False
+    assert cfg.engine_extra["startup_time_s"] == 1.5
+    extra.write_text(json.dumps({"block_sizes": 32}))
+    with pytest.raises(ConfigError, match="unknown keys \\['block_sizes'\\]"):
+        parse_mocker_args(["--model-path", model_dir, "--extra-engine-args", str(extra)])
+    extra.write_text(json.dumps({"block_size": "32"}))
+    with pytest.raises(ConfigError, match="block_size must be a positive int"):
+        parse_mocker_args(["--model-path", model_dir, "--extra-engine-args", str(extra)])
