@@ -16,11 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-import xxhash
 from safetensors import safe_open
 
 from armature.engine.config import ModelConfig
-from armature.engine.gguf_converter import convert_gguf
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +60,8 @@ def cache_root() -> Path:
 
 
 def _content_hash(path: Path) -> str:
+    import xxhash
+
     h = xxhash.xxh3_64()
     with path.open("rb") as f:
         while chunk := f.read(1 << 24):
@@ -104,6 +104,8 @@ def converted_gguf_folder(gguf_path: Path) -> Path:
     log.info("converting %s into %s (once)", gguf_path, target)
     # Convert into a sibling temp folder and rename it into place, so a crash or a concurrent
     # conversion never leaves a half-written folder that looks complete.
+    from armature.engine.gguf_converter import convert_gguf  # gguf/numpy only when converting
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         convert_gguf(gguf_path, tmp, progress=_progress_bar(gguf_path.name))

@@ -1,10 +1,10 @@
 """Attention with torch's scaled_dot_product_attention over the paged KV pool (CPU and CUDA).
 
 Decode batches are attended in one call: every sequence's context slots are gathered into a
-padded ``[B, max_len]`` index once per forward, and a boolean mask hides the padding. Extend
+padded ``[B, max_len]`` index once per forward, and an additive mask hides the padding. Extend
 batches go per sequence (prefill is matmul-bound, so the loop costs little), reading the new
 tokens' K/V straight from the projection when there is no cached prefix.
-GQA uses SDPA's ``enable_gqa`` so repeated K/V heads are never materialised by us.
+GQA never materialises repeated K/V heads.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class _ExtendSeq:
 @dataclass
 class _DecodePlan:
     idx: torch.Tensor  # [B, max_len] slots, padded with slot 0
-    mask: torch.Tensor | None  # [B, 1, 1, max_len] bool; None when all contexts have equal length
+    mask: torch.Tensor | None  # [B, 1, 1, max_len] additive (0 / -inf); None when all lengths are equal
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -50,7 +50,9 @@ class TorchAttentionBackend(AttentionBackend):
             else:
                 idx = torch.nn.utils.rnn.pad_sequence(batch.kv_indices, batch_first=True, padding_value=0)
                 lens_t = torch.tensor(lens, device=device)
-                mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+                pad = torch.arange(max_len, device=device)[None, :] >= lens_t[:, None]
+                mask = torch.zeros(pad.shape, dtype=self.kv_pool.shape.dtype, device=device)
+                mask = mask.masked_fill_(pad, float("-inf"))[:, None, None, :]
             self._decode = _DecodePlan(idx=idx.to(device), mask=mask)
             return
         self._decode = None
@@ -87,11 +89,15 @@ class TorchAttentionBackend(AttentionBackend):
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, plan: _DecodePlan
     ) -> torch.Tensor:
         b = q.shape[0]
-        keys = k_buf[plan.idx].transpose(1, 2)  # [B, kv_heads, L, D]
-        values = v_buf[plan.idx].transpose(1, 2)
+        keys = _gather(k_buf, plan.idx).transpose(1, 2)  # [B, kv_heads, L, D]
+        values = _gather(v_buf, plan.idx).transpose(1, 2)
+        # The query heads sharing a KV head become that head's "query rows": one SDPA over
+        # [B, kv_heads, group, D] does GQA with no repeated K/V and no GQA bookkeeping, which
+        # measured faster on CPU than enable_gqa (the mask broadcasts over heads and rows).
+        group = self.num_heads // self.num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=plan.mask, scale=self.scale, enable_gqa=True
-        )  # [B, heads, 1, D]
+            q.view(b, self.num_kv_heads, group, self.head_dim), keys, values, attn_mask=plan.mask, scale=self.scale
+        )  # [B, kv_heads, group, D]
         return out.reshape(b, self.num_heads * self.head_dim)
 
     def _forward_extend(
@@ -109,7 +115,7 @@ class TorchAttentionBackend(AttentionBackend):
             if p.kv_idx is None:
                 ki, vi = k[p.start : p.end], v[p.start : p.end]
             else:
-                ki, vi = k_buf[p.kv_idx], v_buf[p.kv_idx]
+                ki, vi = _gather(k_buf, p.kv_idx), _gather(v_buf, p.kv_idx)
             ki = ki.transpose(0, 1).unsqueeze(0)
             vi = vi.transpose(0, 1).unsqueeze(0)
             causal = p.kv_idx is None and p.end - p.start > 1
@@ -118,3 +124,8 @@ class TorchAttentionBackend(AttentionBackend):
             )
             out[p.start : p.end] = o[0].transpose(0, 1)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def _gather(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``buf[idx]`` through index_select, which is several times faster than advanced indexing on CPU."""
+    return buf.index_select(0, idx.reshape(-1)).view(*idx.shape, *buf.shape[1:])

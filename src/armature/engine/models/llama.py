@@ -87,25 +87,30 @@ class LlamaModel:
         eps = self.eps
         hidden_dim = (cfg.hidden_size,)
         head_dim = (cfg.head_dim,)
+        heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+        qk_heads = heads + kv_heads
         cos, sin = self.rotary.lookup(positions)
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, hidden_dim, layer.input_norm, eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(t, cfg.num_heads, cfg.head_dim)
-            k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
-            v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-            if layer.q_norm is not None:
-                q = F.rms_norm(q, head_dim, layer.q_norm, eps)
-                k = F.rms_norm(k, head_dim, layer.k_norm, eps)
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
-            o = attn.forward(q, k, v, i)
-            h = h + F.linear(o, layer.o_proj)
+            if layer.q_norm is None:
+                # q and k sit side by side in qkv: rotate both heads' sets with one call.
+                qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
+            else:
+                q = F.rms_norm(qkv[:, : self.q_size].view(t, heads, cfg.head_dim), head_dim, layer.q_norm, eps)
+                k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, kv_heads, cfg.head_dim)
+                qk = torch.cat([q, F.rms_norm(k, head_dim, layer.k_norm, eps)], dim=1)
+            qk = apply_rotary(qk, cos, sin)
+            v = qkv[:, self.q_size + self.kv_size :].view(t, kv_heads, cfg.head_dim)
+            o = attn.forward(qk[:, :heads], qk[:, heads:], v, i)
+            # Residual adds ride in the GEMM's accumulator (beta=1) instead of a separate pass.
+            h = torch.addmm(h, o, layer.o_proj.t())
             x = F.rms_norm(h, hidden_dim, layer.post_norm, eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate_up = F.linear(x, layer.gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate).mul_(up)
+            h = torch.addmm(h, act, layer.down.t())
         if logit_rows is not None:
             h = h[logit_rows]
         h = F.rms_norm(h, hidden_dim, self.norm, eps)
