@@ -182,24 +182,35 @@ async def run_workers(configs: Sequence[WorkerConfig]) -> int:
     if configs[0].dynamo.discovery_backend == "mem":
         log.warning("--discovery-backend mem: only this process can find the worker; use file or etcd")
     workers: list[RunningWorker] = []
+
+    async def launch(rt: DistributedRuntime, config: WorkerConfig) -> None:
+        startup = float(config.engine_extra.get("startup_time_s") or 0.0)
+        if startup > 0:
+            # The mocker's --startup-time: look like a worker that takes this long to load.
+            await asyncio.sleep(startup)
+        engine = await create_engine(config)
+        if rt.shutting_down:
+            # A signal arrived while the model loaded: nothing was served, nothing to drain.
+            await engine.shutdown()
+            return
+        workers.append(await start_worker(rt, config, engine))
+
     try:
-        for rt, config in zip(runtimes, configs, strict=True):
-            startup = float(config.engine_extra.get("startup_time_s") or 0.0)
-            if startup > 0:
-                # The mocker's --startup-time: look like a worker that takes this long to load.
-                await asyncio.sleep(startup)
-            engine = await create_engine(config)
-            if rt.shutting_down:
-                # A signal arrived while the model loaded: nothing was served, nothing to drain.
-                await engine.shutdown()
-                break
-            workers.append(await start_worker(rt, config, engine))
+        # Workers of one process start side by side, as separate processes would.
+        results = await asyncio.gather(
+            *(launch(rt, c) for rt, c in zip(runtimes, configs, strict=True)), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if isinstance(err, (RegistrationError, ConfigError)):
+                log.error("%s", err)
+            else:
+                log.error("worker failed to start: %s", err, exc_info=err)
+        if errors:
+            return 1
         for rt in runtimes:
             await rt.wait_closed()
         return 0
-    except (RegistrationError, ConfigError) as exc:
-        log.error("%s", exc)
-        return 1
     finally:
         if follower is not None:
             follower.cancel()
