@@ -7,6 +7,7 @@ built from the worker's SGLang-named settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ from armature.engine.api import Engine
 from armature.sglang.args import ConfigError, SglangServerConfig, WorkerConfig
 
 _ipc_counter = itertools.count()
+_IPC_PREFIX = "armature-kv-"
 
 
 def default_kv_events_config() -> str:
@@ -26,8 +28,18 @@ def default_kv_events_config() -> str:
     costs nothing when nobody routes by KV, binds no network port, and cannot collide with
     another worker on the host.
     """
-    path = os.path.join(tempfile.gettempdir(), f"armature-kv-{os.getpid()}-{next(_ipc_counter)}.ipc")
+    path = os.path.join(tempfile.gettempdir(), f"{_IPC_PREFIX}{os.getpid()}-{next(_ipc_counter)}.ipc")
     return json.dumps({"publisher": "zmq", "topic": "", "endpoint": f"ipc://{path}"})
+
+
+def remove_default_kv_socket(endpoint: str | None) -> None:
+    """Delete the ipc socket file ``default_kv_events_config`` made (ZMQ leaves it behind)."""
+    if not endpoint or not endpoint.startswith("ipc://"):
+        return
+    path = endpoint.removeprefix("ipc://")
+    if os.path.dirname(path) == tempfile.gettempdir() and os.path.basename(path).startswith(_IPC_PREFIX):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def native_server_args(config: WorkerConfig) -> dict[str, Any]:

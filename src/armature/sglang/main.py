@@ -22,7 +22,7 @@ from armature.router.kv.messages import EventRangeQuery
 from armature.runtime.runtime import DistributedRuntime, Endpoint, RuntimeSettings
 from armature.sglang.args import ConfigError, ServingMode, WorkerConfig, parse_args
 from armature.sglang.config_dump import dump_config
-from armature.sglang.engines import create_engine
+from armature.sglang.engines import create_engine, remove_default_kv_socket
 from armature.sglang.event_sink import WorkerEventSink, create_event_sink
 from armature.sglang.handlers.decode import DecodeWorkerHandler
 from armature.sglang.handlers.kv_query import QUERY_ENDPOINT, SNAPSHOT_ENDPOINT, KvQueryHandler
@@ -61,6 +61,7 @@ class RunningWorker:
         with contextlib.suppress(Exception):
             await self.events.close()
         await self.handler.cleanup()
+        remove_default_kv_socket(self.engine.info.kv_events_endpoint)
 
 
 async def _follow_shutdown(leader: DistributedRuntime, others: Sequence[DistributedRuntime]) -> None:
