@@ -98,6 +98,7 @@ class SseClient(asyncio.Protocol):
         self._itls: list[float] = []
         self._tokens = 0
         self._finish: str | None = None
+        self._last_event = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] # uvloop's is not an asyncio.Transport subclass
@@ -120,7 +121,9 @@ class SseClient(asyncio.Protocol):
                 self._fail("expected a chunked streaming response")
                 return
             self._headers_done = True
-        # De-chunk into _body, then split SSE events off _body.
+        # De-chunk into _body, then split SSE events off _body (the last events and the final
+        # zero-size chunk often arrive in one read).
+        ended = False
         while True:
             if self._chunk_left < 0:
                 eol = buf.find(b"\r\n")
@@ -129,8 +132,8 @@ class SseClient(asyncio.Protocol):
                 size = int(bytes(buf[:eol]).split(b";")[0], 16)
                 del buf[: eol + 2]
                 if size == 0:
-                    self._finish_request(now)
-                    return
+                    ended = True
+                    break
                 self._chunk_left = size
             if len(buf) < self._chunk_left + 2:
                 break
@@ -141,12 +144,15 @@ class SseClient(asyncio.Protocol):
         while True:
             end = body.find(b"\n\n")
             if end < 0:
+                if ended:
+                    self._finish_request(now)
                 return
             event = bytes(body[:end])
             del body[: end + 2]
             if not event.startswith(b"data: "):
                 continue
             payload = event[6:]
+            self._last_event = payload
             if payload == b"[DONE]":
                 self._finish_request(now)
                 return
@@ -170,7 +176,7 @@ class SseClient(asyncio.Protocol):
         if self._done.done():
             return
         if self._first is None:
-            self._fail(f"the stream ended without any content (finish_reason {self._finish})")
+            self._fail(f"the stream ended without any content; last event {self._last_event[:200]!r}")
             return
         self._done.set_result(
             RequestTiming(True, self._first - self._started, self._itls, self._tokens, now - self._started, self._finish)

@@ -62,6 +62,9 @@ class RequestPipeline:
             self.runs.append(ChoiceRun(choice.index, choice, post, ctx, stream))
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
+        # Labelled children looked up once: ``labels()`` per token costs a lock and a dict lookup.
+        self._ttft = metrics.ttft.labels(model.name)
+        self._itl = metrics.itl.labels(model.name)
 
     async def open(self) -> None:
         """Route every choice; raises before any output (e.g. no instances) so HTTP can say 503."""
@@ -95,13 +98,12 @@ class RequestPipeline:
         if delta_tokens <= 0:
             return
         now = time.monotonic()
-        name = self.model.name
         if self._first_token_at is None:
             self._first_token_at = now
-            self.metrics.ttft.labels(name).observe(now - self.started_at)
+            self._ttft.observe(now - self.started_at)
         elif self._last_token_at is not None:
             # Tokens that arrive together share the gap since the previous ones.
-            self.metrics.itl.labels(name).observe((now - self._last_token_at) / delta_tokens)
+            self._itl.observe((now - self._last_token_at) / delta_tokens)
         self._last_token_at = now
 
     async def _run_one(self, run: ChoiceRun) -> AsyncIterator[ChoiceDelta]:

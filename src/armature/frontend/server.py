@@ -151,7 +151,7 @@ class Frontend:
 
     # ---------------------------------------------------------------- app
 
-    def _build_app(self) -> Starlette:
+    def _build_app(self) -> Any:
         routes = [
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completions, methods=["POST"]),
@@ -174,10 +174,32 @@ class Frontend:
             log.exception("unhandled error on %s", request.url.path, exc_info=exc)
             return _error_response(_engine_failure(exc))
 
-        return Starlette(
+        starlette = Starlette(
             routes=routes,
             exception_handlers={HTTPException: http_error, ApiError: api_error, Exception: internal_error},
         )
+        generate_routes = {"/v1/chat/completions": True, "/v1/completions": False}
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            # The two generate routes are the per-token hot path: they skip Starlette's routing
+            # and middleware (a wrapper per SSE chunk) and handle their own errors, exactly as the
+            # exception handlers above would.
+            if scope["type"] == "http" and scope["method"] == "POST":
+                chat = generate_routes.get(scope["path"])
+                if chat is not None:
+                    try:
+                        response = await self._generate(Request(scope, receive), chat)
+                    except ApiError as exc:
+                        response = _error_response(exc)
+                    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
+                        log.exception("unhandled error on %s", scope["path"], exc_info=exc)
+                        response = _error_response(_engine_failure(exc))
+                    await response(scope, receive, send)
+                    return
+            await starlette(scope, receive, send)
+
+        self.starlette = starlette
+        return app  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- helpers
 
