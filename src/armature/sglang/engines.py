@@ -113,6 +113,11 @@ def _create_mocker(config: WorkerConfig) -> Engine:
 def _create_sglang(config: WorkerConfig) -> Engine:
     from armature.sglang import sgl_compat
 
+    if not sgl_compat.sglang_importable():
+        raise ConfigError(
+            "--engine sglang needs the 'sglang' package (a CUDA host with sglang installed); "
+            "use --engine native to run on this machine"
+        )
     return sgl_compat.SglangEngine(sgl_compat.create_sgl_engine(config.server), config.server)
 
 

@@ -46,3 +46,13 @@ async def test_invalid_engine_settings_are_config_errors(model_dir: str) -> None
     cfg = parse_args(["--model-path", model_dir, "--engine", "native", "--page-size", "16", "--max-total-tokens", "8"])
     with pytest.raises(ConfigError, match="max_total_tokens"):
         await create_engine(cfg)
+
+
+async def test_sglang_engine_without_the_package_is_a_clear_error(model_dir: str) -> None:
+    from armature.sglang.sgl_compat import sglang_importable
+
+    if sglang_importable():
+        pytest.skip("the real sglang package is installed here")
+    cfg = parse_args(["--model-path", model_dir, "--engine", "sglang"])
+    with pytest.raises(ConfigError, match="needs the 'sglang' package"):
+        await create_engine(cfg)
