@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import uvicorn
 
@@ -34,6 +35,24 @@ def build_frontend(runtime: DistributedRuntime, args: FrontendArgs) -> Frontend:
     )
 
 
+class HttpServer(uvicorn.Server):
+    """uvicorn's server, minus re-raising the signal that stopped it.
+
+    uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the same signal again with the
+    previous handler in place, so the process dies "by signal" (exit -15) after a clean drain. The
+    frontend still has its runtime to close after that, and a clean shutdown should exit 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            yield
+            captured = getattr(self, "_captured_signals", None)
+            if captured:
+                log.info("shutting down on signal %s", ", ".join(str(s) for s in captured))
+                captured.clear()
+
+
 def uvicorn_config(frontend: Frontend, args: FrontendArgs) -> uvicorn.Config:
     return uvicorn.Config(
         frontend.app,
@@ -53,7 +72,7 @@ async def serve(args: FrontendArgs) -> int:
     await runtime.start()
     frontend = build_frontend(runtime, args)
     await frontend.start()
-    server = uvicorn.Server(uvicorn_config(frontend, args))
+    server = HttpServer(uvicorn_config(frontend, args))
     scheme = "https" if args.tls_cert_path else "http"
     log.info("frontend listening on %s://%s:%d (router %s)", scheme, args.http_host, args.http_port, args.router_mode.value)
     try:
