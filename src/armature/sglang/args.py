@@ -490,9 +490,10 @@ def _validate(dynamo: DynamoConfig, server: SglangServerConfig, engine: str) -> 
         )
     if engine != "sglang" and server.dp_size != 1:
         raise ConfigError(f"--dp-size {server.dp_size}: the {engine} engine supports only --dp-size 1")
-    if engine == "native" and server.disaggregation_mode != "null":
+    if engine != "sglang" and server.disaggregation_mode != "null":
         raise ConfigError(
-            f"--disaggregation-mode {server.disaggregation_mode} is not supported by the native engine yet"
+            f"--disaggregation-mode {server.disaggregation_mode} is not supported by the {engine} engine yet "
+            "(it needs KV transfer between workers); run aggregated workers"
         )
     _validate_kv_events_config(server.kv_events_config)
 

@@ -134,6 +134,7 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
     endpoint = runtime.endpoint(str(config.endpoint))
     ready = asyncio.Event()
     handler = DecodeWorkerHandler(engine, ready, asyncio.Event())
+    handler.require_bootstrap = config.serving_mode is ServingMode.DECODE
     register_engine_routes(runtime, engine, endpoint)
     events = await create_event_sink(runtime, config.endpoint)
     await events.open([KV_EVENTS_TOPIC, LOAD_TOPIC])

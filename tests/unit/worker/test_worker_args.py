@@ -41,7 +41,7 @@ def test_endpoint_inference(model_dir: str) -> None:
     assert _parse(model_dir, "--namespace", "ns1").endpoint.url == "dyn://ns1.backend.generate"
     assert _parse(model_dir, "--embedding-worker").endpoint.url == "dyn://dynamo.backend.generate"
     assert _parse(model_dir, "--embedding-worker").model_types == [ModelType.EMBEDDING]
-    cfg = parse_args(["--model-path", model_dir, "--engine", "mocker", "--disaggregation-mode", "prefill"])
+    cfg = parse_args(["--model-path", model_dir, "--engine", "sglang", "--disaggregation-mode", "prefill"])
     assert cfg.endpoint.url == "dyn://dynamo.prefill.generate"
     assert cfg.serving_mode is ServingMode.PREFILL and cfg.model_types == [ModelType.PREFILL]
     explicit = _parse(model_dir, "--endpoint", "dyn://a.b.c")
@@ -150,14 +150,14 @@ listy: [1, 2]
 def test_disagg_config_section(model_dir: str, tmp_path: Path) -> None:
     cfg_file = tmp_path / "disagg.yaml"
     cfg_file.write_text(DISAGG_YAML)
-    cfg = parse_args(["--model-path", model_dir, "--engine", "mocker",
+    cfg = parse_args(["--model-path", model_dir, "--engine", "sglang",
                       "--disagg-config", str(cfg_file), "--disagg-config-key", "prefill"])
     assert cfg.server.page_size == 32 and cfg.server.max_running_requests == 7
     assert cfg.serving_mode is ServingMode.PREFILL
     assert cfg.server.disaggregation_bootstrap_port == 12345  # the section's port is kept
     assert cfg.endpoint.url == "dyn://dynamo.prefill.generate"
     # Flags on the command line win over the section.
-    cfg = parse_args(["--model-path", model_dir, "--engine", "mocker", "--page-size", "8",
+    cfg = parse_args(["--model-path", model_dir, "--engine", "sglang", "--page-size", "8",
                       "--disagg-config", str(cfg_file), "--disagg-config-key", "decode"])
     assert cfg.server.page_size == 8 and cfg.server.enable_metrics
     assert cfg.serving_mode is ServingMode.DECODE
@@ -215,3 +215,9 @@ def test_help_lists_both_groups(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--discovery-backend" in text and "DYN_DISCOVERY_BACKEND" in text and "--page-size" in text
+
+
+def test_disaggregation_needs_the_sglang_engine(model_dir: str) -> None:
+    for engine in ("native", "mocker"):
+        with pytest.raises(ConfigError, match="not supported by the .* engine"):
+            parse_args(["--model-path", model_dir, "--engine", engine, "--disaggregation-mode", "decode"])

@@ -169,3 +169,16 @@ async def test_engine_stream_ending_without_finish_is_migratable() -> None:
         async for out in handler.generate(_req([1, 2], max_tokens=10), Context()):
             got.append(out)
     assert exc.value.migratable and sum(len(o.token_ids) for o in got) == 2
+
+
+async def test_decode_worker_requires_bootstrap_info() -> None:
+    from armature.protocols.llm import BootstrapInfo
+
+    handler, sgl = _handler()
+    handler.require_bootstrap = True
+    with pytest.raises(RequestPlaneError, match="bootstrap_info"):
+        await _run(handler, _req([1, 2]))
+    boot = BootstrapInfo(bootstrap_host="10.1.1.1", bootstrap_port=9000, bootstrap_room=5)
+    outs = await _run(handler, _req([1, 2], max_tokens=2, bootstrap_info=boot))
+    assert outs[-1].finish_reason is FinishReason.LENGTH
+    assert sgl.calls[0]["bootstrap_room"] == 5

@@ -121,12 +121,19 @@ def to_engine_output(out: GenerateOutput, request: PreprocessedRequest) -> LLMEn
 class DecodeWorkerHandler(BaseWorkerHandler):
     """Serves ``{ns}.backend.generate`` for aggregated and disaggregated-decode workers."""
 
+    # A disaggregated decode worker only continues requests a prefill worker started.
+    require_bootstrap = False
+
     async def generate(self, request: PreprocessedRequest, context: Context) -> AsyncIterator[LLMEngineOutput]:
         await self.wait_ready()
         if self.shutdown_event.is_set():
             raise EngineShutdown("worker is shutting down")
         rid = f"{context.id()}-{uuid.uuid4().hex[:8]}"
         try:
+            if self.require_bootstrap and request.bootstrap_info is None:
+                raise InvalidRequestError(
+                    "this is a disaggregated decode worker: the request needs bootstrap_info from a prefill worker"
+                )
             greq = to_generate_request(request, rid, self.engine.info)
             greq.sampling.validate()
         except InvalidRequestError as exc:
