@@ -297,6 +297,20 @@ def _fraction(text: str) -> float:
     return value
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def log_level_from_env() -> str:
+    """``DYN_LOG`` may be a Rust-style filter (``debug,dynamo_runtime=info``): take its level."""
+    raw = os.environ.get("DYN_LOG", "")
+    for part in raw.split(","):
+        level = part.strip().lower()
+        level = {"warn": "warning", "trace": "debug"}.get(level, level)
+        if level in LOG_LEVELS:
+            return level
+    return "info"
+
+
 def build_sglang_parser(prog: str = "python -m armature.sglang") -> argparse.ArgumentParser:
     """The SGLang server args Armature honours, named and defaulted as in ``sglang.ServerArgs``."""
     p = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
@@ -327,8 +341,8 @@ def build_sglang_parser(prog: str = "python -m armature.sglang") -> argparse.Arg
     p.add_argument("--random-seed", type=int, default=None)
     p.add_argument("--tool-call-parser", default=None)
     p.add_argument("--reasoning-parser", default=None)
-    p.add_argument("--log-level", default=os.environ.get("DYN_LOG", "info"),
-                   choices=("debug", "info", "warning", "error", "critical"))
+    p.add_argument("--log-level", default=log_level_from_env(), choices=LOG_LEVELS,
+                   help="env DYN_LOG (its first level; Dynamo's per-target filters are ignored)")
     p.add_argument("--config", default=None, help="YAML file of SGLang args; command-line flags win")
     return p
 

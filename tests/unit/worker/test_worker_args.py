@@ -221,3 +221,11 @@ def test_disaggregation_needs_the_sglang_engine(model_dir: str) -> None:
     for engine in ("native", "mocker"):
         with pytest.raises(ConfigError, match="not supported by the .* engine"):
             parse_args(["--model-path", model_dir, "--engine", engine, "--disaggregation-mode", "decode"])
+
+
+def test_log_level_from_dyn_log(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_LOG", "warn,dynamo_runtime=debug")
+    assert _parse(model_dir).log_level == "warning"
+    monkeypatch.setenv("DYN_LOG", "nonsense")
+    assert _parse(model_dir).log_level == "info"
+    assert _parse(model_dir, "--log-level", "debug").log_level == "debug"
