@@ -16,6 +16,7 @@ from armature.sglang.args import (
     DEFAULT_NAMESPACE,
     DISCOVERY_CHOICES,
     EVENT_PLANE_CHOICES,
+    LOG_LEVELS,
     REQUEST_PLANE_CHOICES,
     ConfigError,
     DynamoConfig,
@@ -25,6 +26,7 @@ from armature.sglang.args import (
     WorkerConfig,
     add_env_flag,
     default_discovery_backend,
+    log_level_from_env,
     apply_namespace_suffix,
     parse_endpoint_types,
     resolve_model_path,
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="times a request may migrate to another worker")
     add_env_flag(p, "--system-port", env="DYN_SYSTEM_PORT", default=-1, type=int,
                  help="status server port of the first worker (0 picks one, -1 disables)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
+    p.add_argument("--log-level", default=log_level_from_env(), choices=LOG_LEVELS, help="env DYN_LOG")
     return p
 
 
