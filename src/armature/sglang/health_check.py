@@ -63,14 +63,3 @@ def decode_payload(model: str, bos_token_id: int | None) -> dict[str, Any]:
         override.setdefault("model", model)
         return override
     return msgspec.to_builtins(decode_request(model, bos_token_id))
-
-
-def prefill_payload(bos_token_id: int | None) -> dict[str, Any]:
-    override = _env_override()
-    if override is not None:
-        return override
-    return {
-        "request": {"token_ids": [bos_token_id if bos_token_id is not None else FALLBACK_BOS]},
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
-                            "ignore_eos": False},
-    }

@@ -26,6 +26,7 @@ from armature.sglang.engines import create_engine, remove_default_kv_socket
 from armature.sglang.event_sink import WorkerEventSink, create_event_sink
 from armature.sglang.handlers.decode import DecodeWorkerHandler
 from armature.sglang.handlers.kv_query import QUERY_ENDPOINT, SNAPSHOT_ENDPOINT, KvQueryHandler
+from armature.sglang.handlers.prefill import PrefillWorkerHandler
 from armature.sglang.health_check import decode_payload
 from armature.sglang.logs import configure_logging
 from armature.sglang.publisher import KV_EVENTS_TOPIC, LOAD_TOPIC, WorkerPublisher
@@ -51,7 +52,7 @@ class RunningWorker:
     config: WorkerConfig
     engine: Engine
     endpoint: Endpoint
-    handler: DecodeWorkerHandler
+    handler: DecodeWorkerHandler | PrefillWorkerHandler
     publisher: WorkerPublisher
     events: WorkerEventSink
 
@@ -127,14 +128,16 @@ async def serve_kv_queries(runtime: DistributedRuntime, config: WorkerConfig, pu
 
 async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine: Engine) -> RunningWorker:
     """Handler, publisher, serve, register. Raises ``RegistrationError`` if the card cannot be published."""
-    if config.serving_mode is ServingMode.PREFILL:
-        raise ConfigError("prefill workers (--disaggregation-mode prefill) are not supported yet")
     if config.dynamo.embedding_worker:
         raise ConfigError("embedding workers (--embedding-worker) are not supported yet; this worker generates")
     endpoint = runtime.endpoint(str(config.endpoint))
     ready = asyncio.Event()
-    handler = DecodeWorkerHandler(engine, ready, asyncio.Event())
-    handler.require_bootstrap = config.serving_mode is ServingMode.DECODE
+    handler: DecodeWorkerHandler | PrefillWorkerHandler
+    if config.serving_mode is ServingMode.PREFILL:
+        handler = PrefillWorkerHandler(engine, ready, asyncio.Event())
+    else:
+        handler = DecodeWorkerHandler(engine, ready, asyncio.Event())
+        handler.require_bootstrap = config.serving_mode is ServingMode.DECODE
     register_engine_routes(runtime, engine, endpoint)
     events = await create_event_sink(runtime, config.endpoint)
     await events.open([KV_EVENTS_TOPIC, LOAD_TOPIC])

@@ -21,6 +21,8 @@ import importlib.util
 import inspect
 import json
 import math
+import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -187,6 +189,7 @@ class SglangEngine:
         eos = getattr(hf, "eos_token_id", None)
         eos_ids = [int(e) for e in eos] if isinstance(eos, list) else ([int(eos)] if eos is not None else [])
         bos = getattr(hf, "bos_token_id", None)
+        disaggregated = getattr(sa, "disaggregation_mode", "null") not in (None, "null")
         return EngineInfo(
             model_path=str(sa.model_path),
             served_model_name=str(getattr(sa, "served_model_name", None) or sa.model_path),
@@ -201,10 +204,8 @@ class SglangEngine:
             bos_token_id=int(bos) if bos is not None else None,
             eos_token_ids=eos_ids,
             dp_size=int(getattr(sa, "dp_size", 1) or 1),
-            bootstrap_host=None,
-            bootstrap_port=getattr(sa, "disaggregation_bootstrap_port", None)
-            if getattr(sa, "disaggregation_mode", "null") != "null"
-            else None,
+            bootstrap_host=bootstrap_host() if disaggregated else None,
+            bootstrap_port=getattr(sa, "disaggregation_bootstrap_port", None) if disaggregated else None,
             kv_events_endpoint=_local_kv_events_endpoint(getattr(sa, "kv_events_config", None)),
             engine_kind="sglang",
         )
@@ -378,6 +379,21 @@ async def _aiter_guarded(stream: Any) -> AsyncIterator[dict[str, Any]]:
             yield chunk
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
+
+
+def bootstrap_host() -> str:
+    """The address decode workers reach this host's SGLang bootstrap server at.
+
+    ``SGLANG_HOST_IP`` (SGLang's own override) or ``ARMATURE_HOST_IP`` wins; otherwise the
+    host name's address, falling back to loopback for a single-host setup.
+    """
+    host = os.environ.get("SGLANG_HOST_IP") or os.environ.get("ARMATURE_HOST_IP")
+    if not host:
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _local_kv_events_endpoint(config: str | None) -> str | None:

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from armature.protocols.llm import PreprocessedRequest
-from armature.sglang.health_check import HealthCheckPayloadError, decode_payload, prefill_payload
+from armature.sglang.health_check import HealthCheckPayloadError, decode_payload
 
 
 def test_decode_payload_is_bos_one_token_greedy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,13 +19,6 @@ def test_decode_payload_is_bos_one_token_greedy(monkeypatch: pytest.MonkeyPatch)
     assert req.stop_conditions.max_tokens == 1 and req.stop_conditions.ignore_eos is False
     assert (req.sampling_options.temperature, req.sampling_options.top_p, req.sampling_options.top_k) == (0.0, 1.0, -1)
     assert msgspec.convert(decode_payload("m", None), PreprocessedRequest).token_ids == [1]
-
-
-def test_prefill_payload(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DYN_HEALTH_CHECK_PAYLOAD", raising=False)
-    payload = prefill_payload(3)
-    assert payload["request"] == {"token_ids": [3]}
-    assert payload["sampling_params"]["max_new_tokens"] == 1
 
 
 def test_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
