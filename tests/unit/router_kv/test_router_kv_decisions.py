@@ -145,3 +145,12 @@ async def test_decision_is_logged_with_its_formula(caplog: pytest.LogCaptureFixt
     assert len(lines) == 2
     chosen = [line for line in lines if "chosen" in line]
     assert chosen and f"worker_id={W1:x}" in chosen[0] and "with 4 cached blocks" in chosen[0]
+
+
+async def test_precomputed_block_hashes_give_the_same_decision() -> None:
+    router, _, _ = await seeded_router()
+    req = tokens(*"ACDF", tail=5)
+    hashes = router.block_hashes(req)
+    assert router.best_worker(req, block_hashes=hashes) == router.best_worker(req)
+    with pytest.raises(ValueError):
+        router.best_worker(req, block_hashes=hashes[:-1])

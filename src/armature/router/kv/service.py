@@ -286,6 +286,10 @@ class KvRouter:
 
     # ------------------------------------------------------------------ queries
 
+    def block_hashes(self, token_ids: Sequence[int], lora_name: str | None = None) -> list[int]:
+        """The canonical local block hashes this router matches on (reusable across routers)."""
+        return compute_local_block_hashes(token_ids, self.block_size, lora_name)
+
     def find_matches(self, token_ids: Sequence[int], lora_name: str | None = None) -> OverlapScores:
         local = compute_local_block_hashes(token_ids, self.block_size, lora_name)
         if self.approx is not None:
@@ -351,11 +355,23 @@ class KvRouter:
         hints: RoutingHints | None = None,
         request_id: str | None = None,
         lora_name: str | None = None,
+        block_hashes: Sequence[int] | None = None,
     ) -> RoutingDecision:
-        """Choose a (worker, dp_rank) for the request; with ``request_id`` also book it."""
+        """Choose a (worker, dp_rank) for the request; with ``request_id`` also book it.
+
+        ``block_hashes``: the request's canonical local block hashes when the caller already has
+        them (a prefill router and a decode router routing the same prompt hash it once).
+        """
         t0 = _ns()
         isl = len(token_ids)
-        local = compute_local_block_hashes(token_ids, self.block_size, lora_name)
+        if block_hashes is None:
+            local: Sequence[int] = compute_local_block_hashes(token_ids, self.block_size, lora_name)
+        elif len(block_hashes) != isl // self.block_size:
+            raise ValueError(
+                f"{len(block_hashes)} block hashes for {isl} tokens of block size {self.block_size}"
+            )
+        else:
+            local = block_hashes
         t1 = _ns()
 
         weight = self._weight(hints)
