@@ -253,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_async(coro: Any) -> int:
-    # Plain asyncio: the runtime's TCP transport requires asyncio.Transport, which uvloop's
-    # transports are not.
-    return int(asyncio.run(coro))
+    # uvloop when present (uvicorn[standard] brings it): the request plane's per-frame path is
+    # cheaper on it.
+    try:
+        import uvloop
+    except ImportError:
+        return int(asyncio.run(coro))
+    return int(uvloop.run(coro))
