@@ -5,20 +5,22 @@ tokens are released at its first token, and it is freed at completion or cancell
 nobody reported on are expired after a TTL (300 s) so a lost notification cannot leak load.
 
 Decode load counts *unique* blocks: requests sharing a prefix on one worker share its KV pages.
-Active blocks live in a prefix trie keyed by canonical local block hashes (a node is a whole
-prefix, like a chained sequence hash) with per-slot reference counts, so "how many of this
-request's blocks are already active on each worker" is one intersecting walk — the same shape
-as the indexer's query, with no per-worker loop. Like the indexer, the trie is flat (node ids
-into lists, int-only dicts) so thousands of in-flight requests add no work to Python's garbage
-collector.
+Active blocks live in a compressed prefix trie keyed by canonical local block hashes (a path
+from the root is a whole prefix, like a chained sequence hash) with per-slot reference counts,
+so "how many of this request's blocks are already active on each worker" is one intersecting
+walk, with no per-worker loop. An edge holds a *run* of block hashes that every request through
+it shares, so booking a request whose tail nobody else has costs one node, not one per block,
+and runs are compared with C-level list comparisons. A run is split when a new request diverges
+inside it, so requests always start and end on node boundaries and a node's reference counts
+hold for its whole run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from array import array
 from collections.abc import Callable, Sequence
+from operator import ne
 from dataclasses import dataclass
 
 from armature.router.kv.slots import SlotTable, WorkerKey
@@ -30,11 +32,20 @@ _ROOT = 0
 _SLOT_BITS = 16  # refs are keyed by node id << 16 | slot
 
 
+def _common_prefix(segment: list[int], run: list[int]) -> int:
+    """Length of the common prefix of two hash lists (C-level: no Python loop per element)."""
+    neq = list(map(ne, segment, run))
+    try:
+        return neq.index(True)
+    except ValueError:
+        return len(neq)
+
+
 @dataclass(slots=True)
 class _Request:
     key: WorkerKey
     slot: int
-    path: array[int]  # node ids, root first; an array so the collector never scans it
+    hashes: list[int]  # the booked full blocks' hashes; release re-walks them
     own_blocks: int  # blocks counted for this request alone (partial tail, or all without reuse)
     prefill_tokens: int
     started_at: float
@@ -69,11 +80,11 @@ class ActiveSequences:
         self.assume_kv_reuse = assume_kv_reuse
         self.track_active_blocks = track_active_blocks
         self._clock = clock
-        # Trie storage indexed by node id; 0 is the root.
-        self._kids: list[dict[int, int] | None] = [None]
+        # Trie storage indexed by node id; 0 is the root (an empty run).
+        self._kids: list[dict[int, int] | None] = [None]  # first hash of a child's run -> child
+        self._run: list[list[int]] = [[]]
         self._mask: list[int] = [0]
         self._parent: list[int] = [-1]
-        self._hkey: list[int] = [0]
         self._free_ids: list[int] = []
         # (node id << 16 | slot) -> active requests on that slot using the block.
         self._refs: dict[int, int] = {}
@@ -95,32 +106,44 @@ class ActiveSequences:
         out: dict[WorkerKey, int] = {}
         if not self.assume_kv_reuse or not self.track_active_blocks:
             return out
+        if type(local_hashes) is not list:
+            local_hashes = list(local_hashes)
         key_of = self._slots.key_of
-        kids = self._kids
-        mask = self._mask
-        children = kids[_ROOT]
-        cur = -1
+        kids, runs, mask = self._kids, self._run, self._mask
+        n = len(local_hashes)
+        nid = _ROOT
         depth = 0
-        # Ends at a missing child (KeyError) or a leaf (None children: TypeError); see the
-        # indexer's ``_match`` for why.
-        try:
-            for h in local_hashes:
-                nid = children[h]  # type: ignore[index]
-                m = mask[nid] & cur
-                if m != cur:
-                    if depth:
-                        dropped = cur & ~m
-                        while dropped:
-                            low = dropped & -dropped
-                            out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                            dropped ^= low
-                    if not m:
-                        return out
-                    cur = m
+        cur = -1
+        while depth < n:
+            children = kids[nid]
+            if children is None:
+                break
+            child = children.get(local_hashes[depth])
+            if child is None:
+                break
+            m = mask[child] & cur
+            if m != cur:
+                if depth:
+                    dropped = cur & ~m
+                    while dropped:
+                        low = dropped & -dropped
+                        out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                        dropped ^= low
+                if not m:
+                    return out
+                cur = m
+            run = runs[child]
+            size = len(run)
+            if size == 1:
                 depth += 1
-                children = kids[nid]
-        except (KeyError, TypeError):
-            pass
+            else:
+                segment = local_hashes[depth : depth + size]
+                if segment == run:
+                    depth += size
+                else:
+                    depth += _common_prefix(segment, run)
+                    break
+            nid = child
         if depth:
             while cur:
                 low = cur & -cur
@@ -190,21 +213,22 @@ class ActiveSequences:
         slot = self._slots.get(key)
         assert slot is not None
         prefill = self.new_prefill_tokens(isl, overlap_blocks)
-        path: array[int] = array("q")
+        hashes: list[int] = []
         own = 0
         if self.track_active_blocks:
             full = isl // self.block_size
             if len(local_hashes) < full:
                 raise ValueError(f"request {request_id!r}: {len(local_hashes)} block hashes for {isl} tokens")
             if self.assume_kv_reuse:
-                path = self._book_path(slot, key, local_hashes[:full])
+                hashes = list(local_hashes[:full])
+                self._book(slot, key, hashes)
                 own = self.request_blocks(isl) - full
             else:
                 own = self.request_blocks(isl)
             self.active_blocks[key] += own
         self.prefill_tokens[key] += prefill
         self._num_requests[key] += 1
-        self._requests[request_id] = _Request(key, slot, path, own, prefill, now)
+        self._requests[request_id] = _Request(key, slot, hashes, own, prefill, now)
         if self.on_change is not None:
             self.on_change(key)
         return prefill
@@ -260,43 +284,86 @@ class ActiveSequences:
 
     # ------------------------------------------------------------------ internals
 
-    def _book_path(self, slot: int, key: WorkerKey, hashes: Sequence[int]) -> array[int]:
-        bit = 1 << slot
-        kids, mask, refs = self._kids, self._mask, self._refs
-        parent_of, hkey, free_ids = self._parent, self._hkey, self._free_ids
+    def _path(self, hashes: list[int], create: bool) -> list[int]:
+        """Nodes whose runs exactly tile ``hashes``; splits and creates nodes when ``create``."""
+        kids, runs = self._kids, self._run
+        nodes: list[int] = []
         nid = _ROOT
-        path = array("q")
-        new_blocks = 0
-        for h in hashes:
+        i = 0
+        n = len(hashes)
+        while i < n:
             children = kids[nid]
-            if children is None:
-                children = kids[nid] = {}
-            child = children.get(h)
+            child = None if children is None else children.get(hashes[i])
             if child is None:
-                # Inlined node allocation: booking creates up to one node per block.
-                if free_ids:
-                    child = free_ids.pop()
-                    kids[child] = None
-                    mask[child] = 0
-                    parent_of[child] = nid
-                    hkey[child] = h
-                else:
-                    child = len(mask)
-                    kids.append(None)
-                    mask.append(0)
-                    parent_of.append(nid)
-                    hkey.append(h)
-                children[h] = child
-            rk = child << _SLOT_BITS | slot
-            n = refs.get(rk, 0)
-            if not n:
-                mask[child] |= bit
-                new_blocks += 1
-            refs[rk] = n + 1
-            path.append(child)
+                if not create:
+                    raise KeyError("request path not in the active trie")
+                nodes.append(self._new_node(nid, hashes[i:]))
+                break
+            run = runs[child]
+            size = len(run)
+            if size > 1:
+                segment = hashes[i : i + size]
+                if segment != run:
+                    if not create:
+                        raise KeyError("request path not in the active trie")
+                    size = _common_prefix(segment, run)
+                    self._split(child, size)
+            nodes.append(child)
+            i += size
             nid = child
+        return nodes
+
+    def _new_node(self, parent: int, run: list[int]) -> int:
+        if self._free_ids:
+            nid = self._free_ids.pop()
+            self._kids[nid] = None
+            self._run[nid] = run
+            self._mask[nid] = 0
+            self._parent[nid] = parent
+        else:
+            nid = len(self._mask)
+            self._kids.append(None)
+            self._run.append(run)
+            self._mask.append(0)
+            self._parent.append(parent)
+        children = self._kids[parent]
+        if children is None:
+            children = self._kids[parent] = {}
+        children[run[0]] = nid
+        return nid
+
+    def _split(self, nid: int, at: int) -> None:
+        """Cut node ``nid``'s run after ``at`` blocks; the tail becomes its only child."""
+        run = self._run[nid]
+        kids = self._kids[nid]
+        self._kids[nid] = None
+        tail = self._new_node(nid, run[at:])
+        self._run[nid] = run[:at]
+        self._kids[tail] = kids
+        if kids:
+            for grandchild in kids.values():
+                self._parent[grandchild] = tail
+        m = self._mask[nid]
+        self._mask[tail] = m
+        refs = self._refs
+        while m:
+            low = m & -m
+            slot = low.bit_length() - 1
+            refs[tail << _SLOT_BITS | slot] = refs[nid << _SLOT_BITS | slot]
+            m ^= low
+
+    def _book(self, slot: int, key: WorkerKey, hashes: list[int]) -> None:
+        bit = 1 << slot
+        mask, refs, runs = self._mask, self._refs, self._run
+        new_blocks = 0
+        for nid in self._path(hashes, create=True):
+            rk = nid << _SLOT_BITS | slot
+            count = refs.get(rk, 0)
+            if not count:
+                mask[nid] |= bit
+                new_blocks += len(runs[nid])
+            refs[rk] = count + 1
         self.active_blocks[key] += new_blocks
-        return path
 
     def _release(self, req: _Request) -> None:
         key, slot = req.key, req.slot
@@ -305,26 +372,27 @@ class ActiveSequences:
         self.active_blocks[key] -= req.own_blocks
         self._num_requests[key] -= 1
         bit = 1 << slot
-        kids, mask, refs, parent_of, hkey = self._kids, self._mask, self._refs, self._parent, self._hkey
+        kids, mask, refs, parent_of, runs = self._kids, self._mask, self._refs, self._parent, self._run
         freed = 0
-        for nid in reversed(req.path):
+        for nid in reversed(self._path(req.hashes, create=False) if req.hashes else []):
             rk = nid << _SLOT_BITS | slot
-            n = refs[rk] - 1
-            if n:
-                refs[rk] = n
+            count = refs[rk] - 1
+            if count:
+                refs[rk] = count
                 continue
             del refs[rk]
             mask[nid] &= ~bit
-            freed += 1
-            # Walking leaf to root, so a node's booked descendants on this path are gone already.
+            freed += len(runs[nid])
+            # Leaf to root, so this request's deeper nodes are released already.
             while nid != _ROOT and not mask[nid] and kids[nid] is None:
                 parent = parent_of[nid]
                 siblings = kids[parent]
                 assert siblings is not None
-                del siblings[hkey[nid]]
+                del siblings[runs[nid][0]]
                 if not siblings:
                     kids[parent] = None
                 parent_of[nid] = -1
+                runs[nid] = []
                 self._free_ids.append(nid)
                 nid = parent
         self.active_blocks[key] -= freed
