@@ -48,14 +48,12 @@ def _worker_argv(rest: list[str]) -> list[str]:
 
 async def _serve(opts: argparse.Namespace, worker_argv: list[str]) -> int:
     from armature.frontend.args import parse_args as parse_frontend_args
-    from armature.frontend.main import build_frontend, uvicorn_config
+    from armature.frontend.main import HttpServer, build_frontend, uvicorn_config
     from armature.runtime.runtime import DistributedRuntime
     from armature.sglang.args import ConfigError
     from armature.sglang.args import parse_args as parse_worker_args
     from armature.sglang.engines import create_engine
     from armature.sglang.main import runtime_settings, start_worker
-
-    import uvicorn
 
     started = time.monotonic()
     try:
@@ -79,7 +77,7 @@ async def _serve(opts: argparse.Namespace, worker_argv: list[str]) -> int:
         frontend = build_frontend(runtime, fe_args)
         await frontend.start()
         await frontend.wait_for_model(worker_cfg.server.served_model_name, timeout_s=60.0)
-        server = uvicorn.Server(uvicorn_config(frontend, fe_args))
+        server = HttpServer(uvicorn_config(frontend, fe_args))
         serving = asyncio.ensure_future(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.02)

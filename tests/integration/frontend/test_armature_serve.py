@@ -61,11 +61,6 @@ def test_serve_answers_the_openai_sdk(served: tuple[Proc, str]) -> None:
     assert text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py builds uvicorn.Server, which re-raises SIGTERM after its graceful shutdown "
-    "(exit -15); armature.frontend.main.HttpServer does not",
-)
 def test_sigterm_exits_cleanly(served: tuple[Proc, str]) -> None:
     proc, _ = served
     assert proc.terminate(timeout_s=30) == 0, proc.log()[-3000:]
