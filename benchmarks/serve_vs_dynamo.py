@@ -396,7 +396,7 @@ def loopback_env(kv_var: str, kv_dir: Path) -> dict[str, str]:
     return env
 
 
-def armature_system(model_dir: Path, speedup: float, tmp: Path, python: str) -> System:
+def armature_system(model_dir: Path, speedup: float, tmp: Path, python: str, src: Path) -> System:
     port = free_port()
     kv = tmp / "armature-kv"
     kv.mkdir()
@@ -406,7 +406,7 @@ def armature_system(model_dir: Path, speedup: float, tmp: Path, python: str) -> 
     mocker = [python, "-m", "armature.mocker", "--model-path", str(model_dir), "--model-name", MODEL_NAME,
               "--speedup-ratio", str(speedup), "--log-level", "warning", *plane]  # fmt: skip
     env = loopback_env("ARMATURE_FILE_KV", kv)
-    env["PYTHONPATH"] = str(ROOT / "src")
+    env["PYTHONPATH"] = str(src)
     return System("armature", frontend, mocker, env, port, tmp)
 
 
@@ -498,7 +498,7 @@ async def bench(args: argparse.Namespace) -> int:
     systems: list[System] = []
     for name in names:
         if name == "armature":
-            systems.append(armature_system(model_dir, args.speedup, tmp, args.python))
+            systems.append(armature_system(model_dir, args.speedup, tmp, args.python, Path(args.armature_src)))
         elif name == "dynamo":
             venv = Path(args.dynamo_venv)
             if not (venv / "bin" / "python").exists():
@@ -590,6 +590,7 @@ def main() -> int:
     p.add_argument("--model-path", default=None, help="HF folder (default: the converted SmolLM2 cache)")
     p.add_argument("--dynamo-venv", default="/work/dynamo-venv")
     p.add_argument("--python", default=sys.executable, help="Python that runs Armature's processes")
+    p.add_argument("--armature-src", default=str(ROOT / "src"), help="source tree Armature runs from (A/B a change)")
     p.add_argument("--start-timeout", type=float, default=90.0)
     p.add_argument("--pause-for-profiler", type=float, default=0.0, help="seconds to wait after warm-up")
     p.add_argument("--keep-logs", action="store_true")

@@ -101,14 +101,19 @@ async def chat_stream(p: RequestPipeline, include_usage: bool, continuous_usage:
     rid, created, model = new_id("chatcmpl"), int(time.time()), p.model.name
     texts = TokenTextCache(p.model.preprocessor.tokenizer.tokenizer) if p.prepared.logprobs is not None else None
     skeletons: dict[int, ChatCompletionChunk] = {}
+    # The role chunks go out in one write with the first delta, and the last delta in one write
+    # with the usage chunk and [DONE]: the same events, three socket writes fewer per request.
+    head = b""
     for run in p.runs:
         choice = ChatChunkChoice(run.index, ChatDelta(role="assistant", content=""))
         chunk = ChatCompletionChunk(rid, "chat.completion.chunk", created, model, [choice])
         if continuous_usage:
             chunk.usage = usage_of(p)
-        yield frame(json_encoder.encode(chunk))
+        head += frame(json_encoder.encode(chunk))
         choice.delta = ChatDelta()
         skeletons[run.index] = chunk
+    single = len(p.runs) == 1
+    tail = b""
     async for run, delta in p.deltas():
         chunk = skeletons[run.index]
         choice = chunk.choices[0]
@@ -117,11 +122,18 @@ async def chat_stream(p: RequestPipeline, include_usage: bool, continuous_usage:
         choice.logprobs = _chat_logprobs(texts, delta.logprobs) if (texts and delta.logprobs) else None
         if continuous_usage:
             chunk.usage = usage_of(p)
-        yield frame(json_encoder.encode(chunk))
+        out = frame(json_encoder.encode(chunk))
+        if head:
+            out, head = head + out, b""
+        if single and delta.finish_reason is not None:
+            tail = out  # the sequence's last delta: nothing follows but usage and [DONE]
+            continue
+        yield out
+    end = head + tail
     if include_usage:
         final = ChatCompletionChunk(rid, "chat.completion.chunk", created, model, [], usage_of(p))
-        yield frame(json_encoder.encode(final))
-    yield DONE
+        end += frame(json_encoder.encode(final))
+    yield end + DONE
 
 
 async def chat_aggregate(p: RequestPipeline) -> bytes:
@@ -161,6 +173,8 @@ async def completion_stream(
         for r in p.runs
     }
     echoed: set[int] = set()
+    single = len(p.runs) == 1
+    tail = b""
     async for run, delta in p.deltas():
         chunk = skeletons[run.index]
         choice = chunk.choices[0]
@@ -188,11 +202,16 @@ async def completion_stream(
         choice.logprobs = logprobs
         if continuous_usage:
             chunk.usage = usage_of(p)
-        yield frame(json_encoder.encode(chunk))
+        out = frame(json_encoder.encode(chunk))
+        if single and delta.finish_reason is not None:
+            tail = out  # written with [DONE], as in chat_stream
+            continue
+        yield out
+    end = tail
     if include_usage:
         final = CompletionChunk(rid, "text_completion", created, model, [], usage_of(p))
-        yield frame(json_encoder.encode(final))
-    yield DONE
+        end += frame(json_encoder.encode(final))
+    yield end + DONE
 
 
 async def completion_aggregate(p: RequestPipeline) -> bytes:

@@ -83,9 +83,14 @@ class StreamResponse:
         watch = DisconnectWatch(receive)
         try:
             async with watch:
+                done = False
                 async for chunk in self._body:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    # The chunk that carries [DONE] also ends the body: one write, not two.
+                    # The producer ends right after it (running it to its end keeps its bookkeeping).
+                    done = chunk.endswith(DONE)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not done})
+                if not done:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not watch.disconnected:
                 raise

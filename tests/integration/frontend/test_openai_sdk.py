@@ -182,3 +182,6 @@ async def test_models_health_and_metrics(stack: ServedStack) -> None:
     ):  # fmt: skip
         assert any(line.startswith(name) and label in line for line in text.splitlines()), name
     assert f'armature_frontend_output_sequence_tokens_sum{{{label}}} 3.0' in text
+    # The stream that ended with [DONE] counts as a success (not as an error or a disconnect).
+    ok = f'armature_frontend_requests_total{{endpoint="chat_completions",{label},request_type="stream",status="success"}} 1.0'
+    assert ok in text, text
