@@ -142,7 +142,7 @@ def main() -> None:
     assert router.indexer is not None
     index = router.indexer
     assert index.num_entries == entries, (index.num_entries, entries)
-    assert index.num_nodes == distinct_blocks, (index.num_nodes, distinct_blocks)
+    assert index.num_blocks == distinct_blocks, (index.num_blocks, distinct_blocks)
     index_bytes = rss1 - rss0
     ingest_rate = entries / ingest_s
     print(f"ingestion: {entries:,} blocks in {ingest_s:.2f} s = {ingest_rate:,.0f} blocks/s; "

@@ -151,3 +151,33 @@ def test_find_matches_agrees_with_brute_force(ops: list[tuple], queries: list[li
     assert {k: v for k, v in copy.tree_sizes().items() if v} == model.reachable_sizes()
     for q in queries:
         assert copy.find_matches(q).scores == model.scores(q)
+
+
+def test_an_engine_hash_reused_for_another_block_replaces_it() -> None:
+    index = KvIndexer()
+    key = (1, 0)
+    index.apply_data(key, KvStored(parent_hash=None, blocks=[
+        StoredBlock(block_hash=h, tokens_hash=t) for h, t in ((11, 1), (12, 2), (13, 3))]))
+    index.apply_data(key, KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=12, tokens_hash=9)]))
+    assert index.tree_size(key) == 3  # 1, 3 (its parent is gone) and 9
+    assert index.find_matches([1, 2, 3]).scores == {key: 1}
+    assert index.find_matches([9]).scores == {key: 1}
+    # Storing the same blocks again changes nothing.
+    index.apply_data(key, KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=11, tokens_hash=1)]))
+    assert index.tree_size(key) == 3 and index.num_blocks == 4
+
+
+def test_runs_split_and_resolve_after_other_workers_share_part_of_them() -> None:
+    index = KvIndexer()
+    long = [StoredBlock(block_hash=100 + i, tokens_hash=i) for i in range(50)]
+    index.apply_data((1, 0), KvStored(parent_hash=None, blocks=long))
+    assert index.num_nodes == 1 and index.num_blocks == 50
+    index.apply_data((2, 0), KvStored(parent_hash=None, blocks=long[:20]))
+    index.apply_data((2, 0), KvStored(parent_hash=119, blocks=[StoredBlock(block_hash=500, tokens_hash=77)]))
+    assert index.find_matches(list(range(50))).scores == {(1, 0): 50, (2, 0): 20}
+    assert index.find_matches(list(range(20)) + [77]).scores == {(1, 0): 20, (2, 0): 21}
+    # Worker 1 evicts its tail leaf first; refs taken before the splits still resolve.
+    index.apply_data((1, 0), KvRemoved(block_hashes=[149, 148, 147]))
+    assert index.find_matches(list(range(50))).scores == {(1, 0): 47, (2, 0): 20}
+    assert index.tree_sizes() == {(1, 0): 47, (2, 0): 21}
+    assert index.stats.unknown_removals == 0

@@ -9,11 +9,18 @@ slot, a lookup from the engine's opaque block hash to the node lets ``KvRemoved`
 ``find_matches`` walks the request's local hashes from the root, intersecting the masks as it
 goes; a slot's score is the depth at which it drops out. The loop allocates nothing per node.
 
+The tree is run-compressed: a node holds a *run* of consecutive blocks that the same slots
+hold, so a worker's private 200-block tail is one node and matching it is one C-level list
+comparison instead of 200 Python steps. A run is split where a new branch starts or where the
+set of holders changes (a store by another worker, a removal), so a node's mask is true for
+every block of its run. A lookup ref names (node, offset); when a node is split its tail
+inherits a forward pointer, so refs taken before the split still resolve.
+
 Storage is flat on purpose: a node is an integer id into parallel lists, children are
-``{local_hash: child_id}`` dicts and lookups ``{engine_hash: ref}`` dicts. Dicts holding only
-ints are invisible to Python's cyclic garbage collector, so a million-block index adds almost
-nothing to collection pauses (with one object per node, a full collection walked every node
-and stalled routing for hundreds of milliseconds).
+``{first_local_hash: child_id}`` dicts and lookups ``{engine_hash: ref}`` dicts. Dicts holding
+only ints are invisible to Python's cyclic garbage collector, so a million-block index adds
+almost nothing to collection pauses (with one object per node, a full collection walked every
+node and stalled routing for hundreds of milliseconds).
 
 Events carry a per-worker ``event_id``. A jump forward is a gap: the indexer reports it, buffers
 that worker's later events, and applies them once the missing range (``fill_gap``) or a full
@@ -25,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import ne
 
 from armature.protocols.kv_events import (
     KvCacheEvent,
@@ -40,8 +48,16 @@ logger = logging.getLogger(__name__)
 
 
 _ROOT = 0
-_ID_BITS = 32
-_ID_MASK = (1 << _ID_BITS) - 1
+_M32 = (1 << 32) - 1
+
+
+def _common_prefix(segment: list[int], run: list[int]) -> int:
+    """Length of the common prefix of two hash lists (C-level: no Python loop per element)."""
+    neq = list(map(ne, segment, run))
+    try:
+        return neq.index(True)
+    except ValueError:
+        return len(neq)
 
 
 @dataclass(slots=True)
@@ -94,20 +110,23 @@ class KvIndexer:
     """Radix tree of which (worker, dp_rank) holds which KV blocks."""
 
     def __init__(self) -> None:
-        # Node storage, indexed by node id; id 0 is the root.
-        self._kids: list[dict[int, int] | None] = [None]  # local hash -> child id
-        self._mask: list[int] = [0]  # bitmask of the slots holding the node
+        # Node storage, indexed by node id; id 0 is the root (an empty run).
+        self._kids: list[dict[int, int] | None] = [None]  # first hash of a child's run -> child
+        self._run: list[list[int]] = [[]]  # the node's blocks' local hashes
+        self._mask: list[int] = [0]  # bitmask of the slots holding every block of the run
         self._parent: list[int] = [-1]  # -1: free id
-        self._hkey: list[int] = [0]  # the node's local hash (its key in the parent)
         # Bumped when an id is freed, so a stale lookup ref can never address its next user.
         self._gen: list[int] = [0]
+        # After a split: (old run length, tail id, tail generation) for refs past the new end.
+        self._fwd: list[tuple[int, int, int] | None] = [None]
         self._free_ids: list[int] = []
         self._slots = SlotTable()
-        # Per slot: engine block hash -> ref (node id | generation << 32). Indexed by slot number.
+        # Per slot: engine block hash -> ref (node | generation << 32 | offset << 64).
         self._lookup: list[dict[int, int]] = []
         self._tree_sizes: dict[WorkerKey, int] = {}
         self._logs: dict[int, _WorkerLog] = {}
         self._nodes = 0  # live nodes, the root excluded
+        self._blocks = 0  # distinct blocks in live nodes
         self.stats = IndexerStats()
 
     # ------------------------------------------------------------------ queries (hot path)
@@ -122,78 +141,84 @@ class KvIndexer:
         """
         if not (early_exit or frequencies):
             return OverlapScores(self._match(local_hashes), [], dict(self._tree_sizes))
+        hashes = local_hashes if type(local_hashes) is list else list(local_hashes)
         scores: dict[WorkerKey, int] = {}
         freqs: list[int] = []
         key_of = self._slots.key_of
-        kids = self._kids
-        mask = self._mask
-        children = kids[_ROOT]
-        cur = -1  # all ones: the first mask intersects to itself
+        kids, runs, mask = self._kids, self._run, self._mask
+        n = len(hashes)
+        nid = _ROOT
         depth = 0
-        if children is not None:
-            for h in local_hashes:
-                nid = children.get(h)
-                if nid is None:
+        cur = -1
+        while depth < n:
+            children = kids[nid]
+            if children is None:
+                break
+            child = children.get(hashes[depth])
+            if child is None:
+                break
+            m = mask[child] & cur
+            if m != cur:
+                if depth:
+                    for slot in iter_bits(cur & ~m):
+                        scores[key_of[slot]] = depth  # type: ignore[index]
+                if not m:
+                    cur = 0
                     break
-                m = mask[nid] & cur
-                if m != cur:
-                    if depth:
-                        dropped = cur & ~m
-                        while dropped:
-                            low = dropped & -dropped
-                            scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                            dropped ^= low
-                    if not m:
-                        cur = 0
-                        break
-                    cur = m
-                depth += 1
-                if frequencies:
-                    freqs.append(m.bit_count())
-                if early_exit and not (m & (m - 1)):
-                    break
-                children = kids[nid]
-                if children is None:
-                    break
+                cur = m
+            run = runs[child]
+            k = _common_prefix(hashes[depth : depth + len(run)], run)
+            depth += k
+            if frequencies:
+                freqs.extend([m.bit_count()] * k)
+            if k < len(run) or (early_exit and not (m & (m - 1))):
+                break
+            nid = child
         if depth and cur > 0:
-            while cur:
-                low = cur & -cur
-                scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                cur ^= low
+            for slot in iter_bits(cur):
+                scores[key_of[slot]] = depth  # type: ignore[index]
         return OverlapScores(scores, freqs, dict(self._tree_sizes))
 
     def _match(self, local_hashes: Sequence[int]) -> dict[WorkerKey, int]:
-        """The routing hot path: ``find_matches`` scores without frequencies or early exit.
-
-        A missing child ends the walk through ``KeyError`` (a leaf's ``None`` children through
-        ``TypeError``): subscripting beats ``dict.get`` plus two tests per level, and the
-        exception is raised once per query.
-        """
+        """The routing hot path: ``find_matches`` scores without frequencies or early exit."""
+        hashes = local_hashes if type(local_hashes) is list else list(local_hashes)
         scores: dict[WorkerKey, int] = {}
         key_of = self._slots.key_of
-        kids = self._kids
-        mask = self._mask
-        children = kids[_ROOT]
-        cur = -1
+        kids, runs, mask = self._kids, self._run, self._mask
+        n = len(hashes)
+        nid = _ROOT
         depth = 0
-        try:
-            for h in local_hashes:
-                nid = children[h]  # type: ignore[index]
-                m = mask[nid] & cur
-                if m != cur:
-                    if depth:
-                        dropped = cur & ~m
-                        while dropped:
-                            low = dropped & -dropped
-                            scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                            dropped ^= low
-                    if not m:
-                        return scores
-                    cur = m
+        cur = -1
+        while depth < n:
+            children = kids[nid]
+            if children is None:
+                break
+            child = children.get(hashes[depth])
+            if child is None:
+                break
+            m = mask[child] & cur
+            if m != cur:
+                if depth:
+                    dropped = cur & ~m
+                    while dropped:
+                        low = dropped & -dropped
+                        scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                        dropped ^= low
+                if not m:
+                    return scores
+                cur = m
+            run = runs[child]
+            size = len(run)
+            if size == 1:
                 depth += 1
-                children = kids[nid]
-        except (KeyError, TypeError):
-            pass
+            else:
+                segment = hashes[depth : depth + size]
+                if segment == run:
+                    depth += size
+                else:
+                    depth += _common_prefix(segment, run)
+                    break
+            nid = child
         if depth:
             while cur:
                 low = cur & -cur
@@ -208,8 +233,13 @@ class KvIndexer:
         return self._tree_sizes.get(key, 0)
 
     @property
+    def num_blocks(self) -> int:
+        """Distinct blocks currently indexed."""
+        return self._blocks
+
+    @property
     def num_nodes(self) -> int:
-        """Distinct blocks (tree nodes) currently indexed."""
+        """Tree nodes (runs of blocks) currently live, the root excluded."""
         return self._nodes
 
     @property
@@ -380,28 +410,30 @@ class KvIndexer:
 
     def _dump_slot(self, slot: int) -> list[KvStored]:
         bit = 1 << slot
-        kids, mask, hkey = self._kids, self._mask, self._hkey
-        engine_hash: dict[int, int] = {}
+        kids, mask, runs = self._kids, self._mask, self._run
+        engine_hash: dict[tuple[int, int], int] = {}
         for h, ref in self._lookup[slot].items():
-            nid = self._resolve(ref)
-            if nid is not None and mask[nid] & bit:
-                engine_hash[nid] = h
+            pos = self._resolve(ref)
+            if pos is not None and mask[pos[0]] & bit:
+                engine_hash[pos] = h
         out: list[KvStored] = []
         # Each stack entry: a held node that starts a chain, and its parent's engine hash.
-        stack: list[tuple[int, int | None]] = [
-            (c, None) for c in (kids[_ROOT] or {}).values() if mask[c] & bit
-        ]
+        stack: list[tuple[int, int | None]] = [(c, None) for c in (kids[_ROOT] or {}).values() if mask[c] & bit]
         while stack:
             nid, parent_hash = stack.pop()
             blocks: list[StoredBlock] = []
             while True:
-                blocks.append(StoredBlock(block_hash=engine_hash[nid], tokens_hash=hkey[nid]))
+                run = runs[nid]
+                blocks.extend(
+                    StoredBlock(block_hash=engine_hash[(nid, off)], tokens_hash=h) for off, h in enumerate(run)
+                )
                 held = [c for c in (kids[nid] or {}).values() if mask[c] & bit]
                 if len(held) == 1:
                     nid = held[0]
                     continue
+                last = engine_hash[(nid, len(run) - 1)]
                 for c in held:
-                    stack.append((c, engine_hash[nid]))
+                    stack.append((c, last))
                 break
             out.append(KvStored(parent_hash=parent_hash, blocks=blocks))
         return out
@@ -435,42 +467,81 @@ class KvIndexer:
         else:  # pragma: no cover - the union is closed
             raise TypeError(f"unknown KV event body {type(data).__name__}")
 
-    def _ref(self, nid: int) -> int:
-        return nid | (self._gen[nid] << _ID_BITS)
+    def _ref(self, nid: int, off: int) -> int:
+        return nid | (self._gen[nid] << 32) | (off << 64)
 
-    def _resolve(self, ref: int) -> int | None:
-        """The node a lookup ref names, or None if that node has been freed since."""
-        nid = ref & _ID_MASK
-        return nid if self._gen[nid] == ref >> _ID_BITS and self._parent[nid] != -1 else None
+    def _resolve(self, ref: int) -> tuple[int, int] | None:
+        """The (node, offset) a lookup ref names now, or None if that block's node is gone."""
+        nid = ref & _M32
+        off = ref >> 64
+        gen, parent, runs = self._gen, self._parent, self._run
+        if gen[nid] != (ref >> 32) & _M32 or parent[nid] == -1:
+            return None
+        while off >= len(runs[nid]):
+            fwd = self._fwd[nid]
+            if fwd is None:
+                return None
+            at, tail, tail_gen = fwd
+            if gen[tail] != tail_gen or parent[tail] == -1:
+                return None
+            off -= at
+            nid = tail
+        return nid, off
 
-    def _new_node(self, parent: int, h: int) -> int:
+    def _new_node(self, parent: int, run: list[int], mask: int) -> int:
         if self._free_ids:
             nid = self._free_ids.pop()
             self._kids[nid] = None
-            self._mask[nid] = 0
+            self._run[nid] = run
+            self._mask[nid] = mask
             self._parent[nid] = parent
-            self._hkey[nid] = h
+            self._fwd[nid] = None
         else:
             nid = len(self._mask)
             self._kids.append(None)
-            self._mask.append(0)
+            self._run.append(run)
+            self._mask.append(mask)
             self._parent.append(parent)
-            self._hkey.append(h)
             self._gen.append(0)
+            self._fwd.append(None)
+        children = self._kids[parent]
+        if children is None:
+            children = self._kids[parent] = {}
+        children[run[0]] = nid
         self._nodes += 1
+        self._blocks += len(run)
         return nid
+
+    def _split(self, nid: int, at: int) -> int:
+        """Cut ``nid``'s run after ``at`` blocks (0 < at < len); returns the new tail node."""
+        run = self._run[nid]
+        kids = self._kids[nid]
+        self._kids[nid] = None
+        tail = self._new_node(nid, run[at:], self._mask[nid])
+        self._blocks -= len(run) - at  # the same blocks, now in two nodes
+        self._run[nid] = run[:at]
+        self._kids[tail] = kids
+        if kids:
+            parent = self._parent
+            for grandchild in kids.values():
+                parent[grandchild] = tail
+        fwd = self._fwd[nid]
+        if fwd is not None:
+            self._fwd[tail] = (fwd[0] - at, fwd[1], fwd[2])
+        self._fwd[nid] = (at, tail, self._gen[tail])
+        return tail
 
     def _store(self, key: WorkerKey, data: KvStored) -> None:
         slot = self._slot(key)
         bit = 1 << slot
         lookup = self._lookup[slot]
-        kids, mask = self._kids, self._mask
+        kids, runs, mask = self._kids, self._run, self._mask
         if data.parent_hash is None:
-            parent = _ROOT
+            node, off = _ROOT, -1
         else:
             ref = lookup.get(data.parent_hash)
-            found = None if ref is None else self._resolve(ref)
-            if found is None or not mask[found] & bit:
+            pos = None if ref is None else self._resolve(ref)
+            if pos is None or not mask[pos[0]] & bit:
                 self.stats.orphaned_blocks += len(data.blocks)
                 logger.warning(
                     "worker %x dp_rank %d stored %d blocks under unknown parent %x; dropped",
@@ -480,32 +551,59 @@ class KvIndexer:
                     data.parent_hash,
                 )
                 return
-            parent = found
+            node, off = pos
+        hashes = [b.tokens_hash for b in data.blocks]
+        engine = [b.block_hash for b in data.blocks]
+        n = len(hashes)
         added = 0
-        gen = self._gen
-        for block in data.blocks:
-            children = kids[parent]
-            if children is None:
-                children = kids[parent] = {}
-            nid = children.get(block.tokens_hash)
-            if nid is None:
-                nid = children[block.tokens_hash] = self._new_node(parent, block.tokens_hash)
-            if not mask[nid] & bit:
-                mask[nid] |= bit
-                added += 1
-            stale_ref = lookup.get(block.block_hash)
-            lookup[block.block_hash] = nid | (gen[nid] << _ID_BITS)
-            if stale_ref is not None:
-                stale = self._resolve(stale_ref)
-                if stale is not None and stale != nid and mask[stale] & bit:
-                    # The engine reused a block hash for a different block: the old one is gone.
-                    mask[stale] &= ~bit
-                    added -= 1
-                    if not mask[stale] and kids[stale] is None:
-                        self._prune(stale)
-            parent = nid
+        stale: list[tuple[int, int]] = []
+        i = 0
+        while i < n:
+            run = runs[node]
+            if off == len(run) - 1:  # at the end of a run: continue into a child
+                children = kids[node]
+                child = None if children is None else children.get(hashes[i])
+                if child is None:
+                    target = self._new_node(node, hashes[i:], bit)
+                    start, k = 0, n - i
+                    added += k
+                else:
+                    node, off = child, -1
+                    continue
+            else:
+                rest = run[off + 1 :]
+                k = _common_prefix(hashes[i : i + len(rest)], rest)
+                if k == 0:  # the new blocks branch off right after ``off``
+                    self._split(node, off + 1)
+                    continue
+                target, start = node, off + 1
+                if not mask[target] & bit:
+                    # Give this slot's blocks a node of their own so masks stay uniform.
+                    if start:
+                        target, start = self._split(target, start), 0
+                    if k < len(runs[target]):
+                        self._split(target, k)
+                    mask[target] |= bit
+                    added += k
+            gen = self._gen[target]
+            for j in range(k):
+                eh = engine[i + j]
+                old = lookup.get(eh)
+                lookup[eh] = target | (gen << 32) | ((start + j) << 64)
+                if old is not None:
+                    stale.append((eh, old))
+            i += k
+            node, off = target, start + k - 1
         self._tree_sizes[key] += added
         self.stats.blocks_stored += added
+        for eh, old in stale:
+            # Re-storing a block is a no-op; an engine hash that now names a *different* block
+            # means the block it named before is gone.
+            pos = self._resolve(old)
+            if pos is None or not mask[pos[0]] & bit or pos == self._resolve(lookup[eh]):
+                continue
+            self._remove_block(bit, *pos)
+            self._tree_sizes[key] -= 1
 
     def _remove(self, key: WorkerKey, block_hashes: Iterable[int]) -> None:
         slot = self._slots.get(key)
@@ -514,48 +612,62 @@ class KvIndexer:
             return
         bit = 1 << slot
         lookup = self._lookup[slot]
-        kids, mask = self._kids, self._mask
+        mask = self._mask
         removed = 0
         for h in block_hashes:
             ref = lookup.pop(h, None)
-            nid = None if ref is None else self._resolve(ref)
-            if nid is None or not mask[nid] & bit:
+            pos = None if ref is None else self._resolve(ref)
+            if pos is None or not mask[pos[0]] & bit:
                 self.stats.unknown_removals += 1
                 continue
-            mask[nid] &= ~bit
+            self._remove_block(bit, *pos)
             removed += 1
-            if not mask[nid] and kids[nid] is None:
-                self._prune(nid)
         self._tree_sizes[key] -= removed
         self.stats.blocks_removed += removed
 
+    def _remove_block(self, bit: int, nid: int, off: int) -> None:
+        """Take one block away from the slot ``bit``: isolate it in its own node, clear the bit."""
+        if off:
+            nid = self._split(nid, off)
+        if len(self._run[nid]) > 1:
+            self._split(nid, 1)
+        self._mask[nid] &= ~bit
+        if not self._mask[nid] and self._kids[nid] is None:
+            self._prune(nid)
+
     def _prune(self, nid: int) -> None:
         """Free a node nobody holds and that has no children, then its emptied ancestors."""
-        kids, mask, parent_of, hkey, gen = self._kids, self._mask, self._parent, self._hkey, self._gen
+        kids, mask, parent_of, runs, gen = self._kids, self._mask, self._parent, self._run, self._gen
         while nid != _ROOT and not mask[nid] and kids[nid] is None:
             parent = parent_of[nid]
             siblings = kids[parent]
             assert siblings is not None
-            del siblings[hkey[nid]]
+            del siblings[runs[nid][0]]
             if not siblings:
                 kids[parent] = None
             parent_of[nid] = -1
-            gen[nid] += 1
-            self._free_ids.append(nid)
+            gen[nid] = (gen[nid] + 1) & _M32
             self._nodes -= 1
+            self._blocks -= len(runs[nid])
+            runs[nid] = []
+            self._fwd[nid] = None
+            self._free_ids.append(nid)
             nid = parent
 
     def _clear_slot(self, key: WorkerKey, slot: int) -> None:
         bit = 1 << slot
         lookup = self._lookup[slot]
         kids, mask = self._kids, self._mask
-        removed = 0
-        nodes = [n for n in map(self._resolve, lookup.values()) if n is not None]
+        nodes: set[int] = set()
+        for ref in lookup.values():
+            pos = self._resolve(ref)
+            if pos is not None and mask[pos[0]] & bit:
+                nodes.add(pos[0])
         lookup.clear()
+        # Masks are uniform over runs, so a held node is held whole.
+        removed = sum(len(self._run[nid]) for nid in nodes)
         for nid in nodes:
-            if mask[nid] & bit:
-                mask[nid] &= ~bit
-                removed += 1
+            mask[nid] &= ~bit
         for nid in nodes:
             if self._parent[nid] != -1 and not mask[nid] and kids[nid] is None:
                 self._prune(nid)
