@@ -32,7 +32,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import ne
+from bisect import bisect_right
+from operator import itemgetter, ne
 
 from armature.protocols.kv_events import (
     KvCacheEvent,
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 _ROOT = 0
 _M32 = (1 << 32) - 1
+_offset = itemgetter(0)
 
 
 def _common_prefix(segment: list[int], run: list[int]) -> int:
@@ -117,8 +119,9 @@ class KvIndexer:
         self._parent: list[int] = [-1]  # -1: free id
         # Bumped when an id is freed, so a stale lookup ref can never address its next user.
         self._gen: list[int] = [0]
-        # After a split: (old run length, tail id, tail generation) for refs past the new end.
-        self._fwd: list[tuple[int, int, int] | None] = [None]
+        # Every split of a node, ascending by offset: (offset, tail id, tail generation). A ref
+        # past the node's end follows the split at the largest offset <= its own.
+        self._fwd: list[list[tuple[int, int, int]] | None] = [None]
         self._free_ids: list[int] = []
         self._slots = SlotTable()
         # Per slot: engine block hash -> ref (node | generation << 32 | offset << 64).
@@ -478,10 +481,13 @@ class KvIndexer:
         if gen[nid] != (ref >> 32) & _M32 or parent[nid] == -1:
             return None
         while off >= len(runs[nid]):
-            fwd = self._fwd[nid]
-            if fwd is None:
+            splits = self._fwd[nid]
+            if splits is None:
                 return None
-            at, tail, tail_gen = fwd
+            i = bisect_right(splits, off, key=_offset)
+            if not i:
+                return None  # the block was evicted from this node's tail
+            at, tail, tail_gen = splits[i - 1]
             if gen[tail] != tail_gen or parent[tail] == -1:
                 return None
             off -= at
@@ -519,16 +525,20 @@ class KvIndexer:
         self._kids[nid] = None
         tail = self._new_node(nid, run[at:], self._mask[nid])
         self._blocks -= len(run) - at  # the same blocks, now in two nodes
-        self._run[nid] = run[:at]
+        # Truncate in place: evicting a run leaf-first costs O(1) per block, not O(run).
+        del run[at:]
         self._kids[tail] = kids
         if kids:
             parent = self._parent
             for grandchild in kids.values():
                 parent[grandchild] = tail
-        fwd = self._fwd[nid]
-        if fwd is not None:
-            self._fwd[tail] = (fwd[0] - at, fwd[1], fwd[2])
-        self._fwd[nid] = (at, tail, self._gen[tail])
+        # Later splits are at smaller offsets (the run only shrinks): keep the list ascending.
+        split = (at, tail, self._gen[tail])
+        splits = self._fwd[nid]
+        if splits is None:
+            self._fwd[nid] = [split]
+        else:
+            splits.insert(0, split)
         return tail
 
     def _store(self, key: WorkerKey, data: KvStored) -> None:
@@ -612,7 +622,7 @@ class KvIndexer:
             return
         bit = 1 << slot
         lookup = self._lookup[slot]
-        mask = self._mask
+        mask, runs, kids = self._mask, self._run, self._kids
         removed = 0
         for h in block_hashes:
             ref = lookup.pop(h, None)
@@ -620,8 +630,15 @@ class KvIndexer:
             if pos is None or not mask[pos[0]] & bit:
                 self.stats.unknown_removals += 1
                 continue
-            self._remove_block(bit, *pos)
             removed += 1
+            nid, off = pos
+            run = runs[nid]
+            if mask[nid] == bit and kids[nid] is None and off == len(run) - 1 and off:
+                # The common eviction: this slot alone drops the leaf block of its own tail.
+                run.pop()
+                self._blocks -= 1
+                continue
+            self._remove_block(bit, nid, off)
         self._tree_sizes[key] -= removed
         self.stats.blocks_removed += removed
 
