@@ -1,20 +1,20 @@
 """The KV indexer: a radix tree over canonical local block hashes, fed by workers' KV events.
 
-Each node is one block position reached by a path of local hashes from the root (so a node's
-identity is the whole prefix, exactly like a chained sequence hash, without computing one on
-the query path). A node carries a bitmask of the (worker_id, dp_rank) slots that hold it. Per
-slot, a lookup from the engine's opaque block hash to the node lets ``KvRemoved`` events and
-``KvStored.parent_hash`` address nodes directly.
+A block is a position reached by a path of local hashes from the root (so its identity is the
+whole prefix, exactly like a chained sequence hash, without computing one on the query path).
+Each node carries a bitmask of the (worker_id, dp_rank) slots that hold its blocks. Per slot, a
+lookup from the engine's opaque block hash to the block lets ``KvRemoved`` events and
+``KvStored.parent_hash`` address blocks directly.
 
 ``find_matches`` walks the request's local hashes from the root, intersecting the masks as it
-goes; a slot's score is the depth at which it drops out. The loop allocates nothing per node.
+goes; a slot's score is the depth at which it drops out. Nothing is allocated per block.
 
 The tree is run-compressed: a node holds a *run* of consecutive blocks that the same slots
 hold, so a worker's private 200-block tail is one node and matching it is one C-level list
 comparison instead of 200 Python steps. A run is split where a new branch starts or where the
 set of holders changes (a store by another worker, a removal), so a node's mask is true for
-every block of its run. A lookup ref names (node, offset); when a node is split its tail
-inherits a forward pointer, so refs taken before the split still resolve.
+every block of its run. A lookup ref names (node, offset); a split node records where it was
+cut and which node took the tail, so refs taken before the split still resolve.
 
 Storage is flat on purpose: a node is an integer id into parallel lists, children are
 ``{first_local_hash: child_id}`` dicts and lookups ``{engine_hash: ref}`` dicts. Dicts holding
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from bisect import bisect_right
+from dataclasses import dataclass, field
 from operator import itemgetter, ne
 
 from armature.protocols.kv_events import (
