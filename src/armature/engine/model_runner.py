@@ -84,7 +84,13 @@ class ModelRunner:
         if max_context_length is not None:
             if max_context_length <= 0:
                 raise ValueError(f"max_context_length must be positive, got {max_context_length}")
-            self.context_length = min(max_context_length, cfg.max_position_embeddings)
+            if max_context_length > cfg.max_position_embeddings:
+                log.warning(
+                    "context length %d is beyond the %d positions the model was trained on; quality may drop",
+                    max_context_length,
+                    cfg.max_position_embeddings,
+                )
+            self.context_length = max_context_length
         self.page_size = page_size
 
         weights = load_weights(self.model_path, cfg, self.dtype, self.device)
@@ -139,9 +145,17 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits, one row per ``batch.logit_rows()`` entry: ``[rows, vocab]``."""
+        longest = max(p + e for p, e in zip(batch.prefix_lens, batch.extend_lens))
+        if longest > self.context_length:
+            raise ValueError(f"a sequence of {longest} tokens exceeds the context length {self.context_length}")
         with torch.inference_mode():
             self.attn_backend.prepare(batch)
-            return self.model.forward(batch.input_ids, batch.positions, self.attn_backend, self._logit_rows(batch))
+            return self.model.forward(
+                batch.input_ids.to(self.device, non_blocking=True),
+                batch.positions.to(self.device, non_blocking=True),
+                self.attn_backend,
+                self._logit_rows(batch),
+            )
 
     def _logit_rows(self, batch: ForwardBatch) -> torch.Tensor | None:
         if batch.mode is ForwardMode.DECODE and not any(batch.return_all_logits):

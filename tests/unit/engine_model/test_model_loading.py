@@ -106,6 +106,15 @@ def test_kv_pool_is_sized_from_max_total_tokens_or_memory(tiny_llama_path: Path)
     assert ModelRunner(str(tiny_llama_path), max_total_tokens=64, max_context_length=100).context_length == 100
 
 
+def test_a_sequence_longer_than_the_context_length_is_refused(tiny_llama_path: Path) -> None:
+    runner = ModelRunner(str(tiny_llama_path), max_total_tokens=64, max_context_length=20)
+    pool = runner.kv_pool
+    slots = pool.slots_of(pool.alloc(2), 21)
+    batch = ForwardBatch(ForwardMode.EXTEND, torch.arange(21), torch.arange(21), slots, [21], [0], [slots], [False])
+    with pytest.raises(ValueError, match="exceeds the context length 20"):
+        runner.forward(batch)
+
+
 def test_a_file_that_is_not_gguf_is_rejected_clearly(tmp_path: Path) -> None:
     f = tmp_path / "weights.bin"
     f.write_bytes(b"\0" * 16)

@@ -38,8 +38,8 @@ class TorchAttentionBackend(AttentionBackend):
     _out_loc: torch.Tensor | None = None
 
     def prepare(self, batch: ForwardBatch) -> None:
-        self._out_loc = batch.out_cache_loc
-        device = batch.out_cache_loc.device
+        device = self.kv_pool.shape.device
+        self._out_loc = batch.out_cache_loc.to(device, non_blocking=True)
         if batch.mode is ForwardMode.DECODE:
             self._extend = None
             lens = batch.seq_lens

@@ -45,17 +45,20 @@ class RotaryEmbedding:
     ) -> None:
         inv = inv_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
-        self.cos = freqs.cos().to(dtype=dtype, device=device)  # [max_positions, head_dim / 2]
-        self.sin = freqs.sin().to(dtype=dtype, device=device)
+        cos, sin = freqs.cos(), freqs.sin()
+        # Stored as [pos, 2, half] so a rotation is x*cos + swap_halves(x)*sin with the sign of
+        # the first half folded into the table: three ops per call instead of eight.
+        self.cos = torch.stack([cos, cos], dim=1).to(dtype=dtype, device=device)
+        self.sin = torch.stack([-sin, sin], dim=1).to(dtype=dtype, device=device)
         self.max_positions = max_positions
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin shaped ``[T, 1, head_dim / 2]`` to broadcast over heads."""
+        """cos/sin shaped ``[T, 1, 2, head_dim / 2]`` to broadcast over heads."""
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, head_dim]`` by its positions' angles."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate ``x`` ``[T, heads, head_dim]`` by its positions' angles (HF's rotate-half layout)."""
+    t, h, d = x.shape
+    halves = x.view(t, h, 2, d // 2)
+    return torch.addcmul(halves * cos, halves.flip(2), sin).view(t, h, d)
