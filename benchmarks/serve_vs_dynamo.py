@@ -396,9 +396,9 @@ def loopback_env(kv_var: str, kv_dir: Path) -> dict[str, str]:
     return env
 
 
-def armature_system(model_dir: Path, speedup: float, tmp: Path, python: str, src: Path) -> System:
+def armature_system(model_dir: Path, speedup: float, tmp: Path, python: str, src: Path, name: str = "armature") -> System:
     port = free_port()
-    kv = tmp / "armature-kv"
+    kv = tmp / f"{name}-kv"
     kv.mkdir()
     plane = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
     frontend = [python, "-m", "armature.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
@@ -407,7 +407,7 @@ def armature_system(model_dir: Path, speedup: float, tmp: Path, python: str, src
               "--speedup-ratio", str(speedup), "--log-level", "warning", *plane]  # fmt: skip
     env = loopback_env("ARMATURE_FILE_KV", kv)
     env["PYTHONPATH"] = str(src)
-    return System("armature", frontend, mocker, env, port, tmp)
+    return System(name, frontend, mocker, env, port, tmp)
 
 
 def dynamo_system(venv: Path, model_dir: Path, speedup: float, tmp: Path) -> System:
@@ -485,6 +485,63 @@ def verdict(ratios: dict[str, float], levels: list[int]) -> list[str]:
     return lines
 
 
+# --- the floor: Armature's mocker engine alone ---------------------------------------------------
+
+
+async def engine_floor(model_dir: Path, speedup: float, levels: list[int], n: int, max_tokens: int) -> list[dict[str, float]]:
+    """The same load straight into ``MockerEngine.generate_stream`` (no HTTP, no request plane).
+
+    The prompt is the benchmark's chat prompt through the frontend's own template and tokenizer,
+    so the simulated prefill and decode steps are the ones the end-to-end run pays. What the
+    engine alone cannot beat, no frontend can.
+    """
+    from armature.engine.api import GenerateRequest, SamplingParams
+    from armature.engine.server_args import ServerArgs
+    from armature.frontend.openai import chat_request_decoder
+    from armature.frontend.preprocess import Preprocessor
+    from armature.frontend.tokenizer import ModelTokenizer
+    from armature.mocker import MockerArgs, MockerEngine
+    from armature.protocols.model_card import ModelCard
+
+    tok = ModelTokenizer.from_dir(model_dir)
+    card = ModelCard(name=MODEL_NAME, model_types=[], tokenizer_path=str(model_dir), context_length=8192,
+                     kv_cache_block_size=64)  # fmt: skip
+    body = chat_request("127.0.0.1", 0, MODEL_NAME, max_tokens).split(b"\r\n\r\n", 1)[1]
+    prompt = (await Preprocessor(card, tok).chat(chat_request_decoder.decode(body))).choices[0].prompt.token_ids
+    engine = MockerEngine(ServerArgs(model_path=str(model_dir), skip_tokenizer_init=True), MockerArgs(speedup_ratio=speedup))
+    out: list[dict[str, float]] = []
+    try:
+        for c in levels:
+            started = 0
+            ttfts: list[float] = []
+            itls: list[float] = []
+
+            async def user() -> None:
+                nonlocal started
+                while started < n:
+                    started += 1
+                    rid = f"floor-{c}-{started}"
+                    t0 = time.perf_counter()
+                    last: float | None = None
+                    params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+                    async for _ in engine.generate_stream(GenerateRequest(rid=rid, input_ids=list(prompt), sampling=params)):
+                        now = time.perf_counter()
+                        if last is None:
+                            ttfts.append(now - t0)
+                        else:
+                            itls.append(now - last)
+                        last = now
+
+            t = time.perf_counter()
+            await asyncio.gather(*(user() for _ in range(c)))
+            wall = time.perf_counter() - t
+            out.append({"concurrency": c, "req_per_s": n / wall, "ttft_mean_ms": statistics.fmean(ttfts) * 1e3,
+                        "itl_mean_ms": statistics.fmean(itls) * 1e3, "prompt_tokens": len(prompt)})  # fmt: skip
+    finally:
+        await engine.shutdown()
+    return out
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -499,6 +556,13 @@ async def bench(args: argparse.Namespace) -> int:
     for name in names:
         if name == "armature":
             systems.append(armature_system(model_dir, args.speedup, tmp, args.python, Path(args.armature_src)))
+        elif name == "candidate":  # Armature from another source tree, measured beside this one
+            if not args.candidate_src:
+                print("--systems candidate needs --candidate-src")
+                return 2
+            systems.append(
+                armature_system(model_dir, args.speedup, tmp, args.python, Path(args.candidate_src), "candidate")
+            )
         elif name == "dynamo":
             venv = Path(args.dynamo_venv)
             if not (venv / "bin" / "python").exists():
@@ -506,7 +570,7 @@ async def bench(args: argparse.Namespace) -> int:
                 return 2
             systems.append(dynamo_system(venv, model_dir, args.speedup, tmp))
         else:
-            print(f"unknown system {name!r} (armature, dynamo)")
+            print(f"unknown system {name!r} (armature, dynamo, candidate)")
             return 2
     results: list[LevelResult] = []
     load_before = os.getloadavg()
@@ -540,9 +604,26 @@ async def bench(args: argparse.Namespace) -> int:
             s.stop()
         if not args.keep_logs:
             shutil.rmtree(tmp, ignore_errors=True)
+    floor: list[dict[str, float]] = []
+    if args.engine_floor:
+        # Its own process: torch and the engine's thread stay out of the load generator.
+        cmd = [args.python, str(Path(__file__).resolve()), "--engine-floor-only", "--concurrency", args.concurrency,
+               "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--speedup", str(args.speedup),
+               "--model-path", str(model_dir)]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(args.armature_src))
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            print(f"engine floor failed:\n{done.stderr[-2000:]}")
+        else:
+            floor = json.loads(done.stdout.strip().splitlines()[-1])
     load_after = os.getloadavg()
     summary = summarize(results, names, levels)
     ratios = print_table(summary)
+    for f in floor:
+        print(
+            f"{int(f['concurrency']):>4} {'mocker only':<11} {f['req_per_s']:>14.1f} {f['ttft_mean_ms']:>8.2f} {'':>7} "
+            f"{f['itl_mean_ms']:>7.2f}   (Armature's MockerEngine alone, in-process, {int(f['prompt_tokens'])}-token prompt)"
+        )
     lines = verdict(ratios, levels)
     for line in lines:
         print(line)
@@ -567,6 +648,7 @@ async def bench(args: argparse.Namespace) -> int:
                     "model_dir": str(model_dir),
                 },
                 "summary": {str(c): v for c, v in summary.items()},
+                "armature_mocker_engine_alone": floor,
                 "ratios": ratios,
                 "verdict": lines,
                 "runs": [asdict(r) for r in results],
@@ -590,12 +672,24 @@ def main() -> int:
     p.add_argument("--model-path", default=None, help="HF folder (default: the converted SmolLM2 cache)")
     p.add_argument("--dynamo-venv", default="/work/dynamo-venv")
     p.add_argument("--python", default=sys.executable, help="Python that runs Armature's processes")
-    p.add_argument("--armature-src", default=str(ROOT / "src"), help="source tree Armature runs from (A/B a change)")
+    p.add_argument("--armature-src", default=str(ROOT / "src"), help="source tree Armature runs from")
+    p.add_argument("--candidate-src", default=None, help="with --systems armature,candidate: A/B a change")
     p.add_argument("--start-timeout", type=float, default=90.0)
     p.add_argument("--pause-for-profiler", type=float, default=0.0, help="seconds to wait after warm-up")
     p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--engine-floor", action="store_true",
+                   help="also drive Armature's MockerEngine alone (no HTTP, no request plane) with the same load")
+    p.add_argument("--engine-floor-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_vs_dynamo.json"))
     args = p.parse_args()
+    if args.engine_floor_only:
+        from armature.engine.loader import resolve_model_path
+
+        model_dir = Path(args.model_path) if args.model_path else resolve_model_path(None)
+        levels = [int(x) for x in args.concurrency.split(",")]
+        floor = asyncio.run(engine_floor(model_dir, args.speedup, levels, args.requests, args.max_tokens))
+        print(json.dumps(floor))
+        return 0
     try:
         import uvloop
 
