@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# model_type -> our architecture name; Mistral is Llama-shaped (its sliding window is unused by
-# the released checkpoints at the context lengths we serve).
+# model_type -> our architecture name; Mistral is Llama-shaped apart from its optional sliding
+# window, which we honour by capping the context at the window (within it the two agree).
 _ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
@@ -71,6 +71,11 @@ class ModelConfig:
         default_bias = arch == "qwen2"
         eos = raw.get("eos_token_id")
         eos_ids = [int(e) for e in eos] if isinstance(eos, list) else ([] if eos is None else [int(eos)])
+        max_pos = int(raw.get("max_position_embeddings", 2048))
+        window = raw.get("sliding_window")
+        window_on = raw.get("use_sliding_window", model_type == "mistral")
+        if window and window_on and int(window) < max_pos:
+            max_pos = int(window)
         bos = raw.get("bos_token_id")
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         return cls(
@@ -85,7 +90,7 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", default_bias)),
             qk_norm=arch == "qwen3",

@@ -152,3 +152,22 @@ def test_transformers_4_config_layout_is_parsed(tiny_llama_path: Path) -> None:
     cfg, new = ModelConfig.from_dict(old), ModelConfig.from_folder(tiny_llama_path)
     assert cfg.rope_theta == new.rope_theta and cfg.rope_scaling == new.rope_scaling
     assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3"
+
+
+def test_mistral_sliding_window_caps_the_context_and_matches_transformers_within_it(
+    tmp_path: Path, smollm2_path: Path
+) -> None:
+    from fixtures.models import write_tiny_model
+
+    path = write_tiny_model(tmp_path / "mistral", "mistral", smollm2_path)
+    runner = ModelRunner(str(path), max_total_tokens=256)
+    assert runner.model_config.architecture == "llama" and runner.context_length == 96
+    ids = list(range(100, 196))
+    pool = runner.kv_pool
+    slots = pool.slots_of(pool.alloc(6), 96)
+    got = runner.forward(ForwardBatch(ForwardMode.EXTEND, torch.tensor(ids), torch.arange(96), slots, [96], [0],
+                                      [slots], [True]))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
