@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from armature.frontend.server import DEFAULT_BODY_LIMIT, FrontendConfig
+from armature.router.kv.config import KvRouterConfig, add_router_args
 from armature.router.push import RouterMode
 from armature.runtime.runtime import RuntimeSettings
 
@@ -46,6 +47,7 @@ class FrontendArgs:
     graceful_shutdown_timeout_s: float
     log_level: str
     runtime: RuntimeSettings
+    kv_router: KvRouterConfig
 
     def frontend_config(self) -> FrontendConfig:
         return FrontendConfig(
@@ -79,12 +81,6 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="how to pick a worker (env DYN_ROUTER_MODE)",
     )
     p.add_argument(
-        "--kv-cache-block-size",
-        type=int,
-        default=None if d("KV_CACHE_BLOCK_SIZE") is None else int(d("KV_CACHE_BLOCK_SIZE")),
-        help="override the block size of the model cards (env DYN_KV_CACHE_BLOCK_SIZE)",
-    )
-    p.add_argument(
         "--migration-limit",
         type=int,
         default=int(d("MIGRATION_LIMIT", 0)),
@@ -108,6 +104,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default=d("LOG_LEVEL", "info"), help="debug|info|warning|error")
     RuntimeSettings.add_arguments(p)
+    # The KV router's flags, --kv-cache-block-size among them (it overrides the model cards' block
+    # size in every router mode); its default follows this parser's environment mapping.
+    add_router_args(p)
+    block = d("KV_CACHE_BLOCK_SIZE")
+    p.set_defaults(kv_cache_block_size=None if block is None else int(block))
     return p
 
 
@@ -116,8 +117,6 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     parser = build_parser(env)
     ns = parser.parse_args(argv)
     mode = RouterMode(ns.router_mode)
-    if mode is RouterMode.KV:
-        parser.error("--router-mode kv is not available yet in this build; use round-robin, random or direct")
     if bool(ns.tls_cert_path) != bool(ns.tls_key_path):
         parser.error("--tls-cert-path and --tls-key-path go together: give both or neither")
     if not 0 < ns.http_port < 65536:
@@ -130,6 +129,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         parser.error("--body-limit-mb must be positive")
     try:
         runtime = RuntimeSettings.from_args(ns, env)
+        kv_router = KvRouterConfig.from_args(ns)
     except ValueError as exc:
         parser.error(str(exc))
     return FrontendArgs(
@@ -148,4 +148,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         graceful_shutdown_timeout_s=ns.graceful_shutdown_timeout,
         log_level=ns.log_level,
         runtime=runtime,
+        kv_router=kv_router,
     )

@@ -15,7 +15,9 @@ from armature.frontend.metrics import FrontendMetrics
 from armature.frontend.models import DiscoveryModelSource
 from armature.frontend.server import Frontend
 from armature.protocols.llm import LLMEngineOutput
-from armature.router.push import EndpointClient
+from armature.router.kv.metrics import RouterMetrics
+from armature.router.kv_binding import kv_router_factory
+from armature.router.push import EndpointClient, RouterMode
 from armature.runtime.runtime import DistributedRuntime
 
 log = logging.getLogger("armature.frontend")
@@ -30,9 +32,12 @@ def runtime_client_factory(runtime: DistributedRuntime):  # noqa: ANN201 - Clien
 
 def build_frontend(runtime: DistributedRuntime, args: FrontendArgs) -> Frontend:
     source = DiscoveryModelSource(runtime.discovery, args.namespace, args.namespace_prefix)
-    return Frontend(
-        source, runtime_client_factory(runtime), args.frontend_config(), FrontendMetrics(args.metrics_prefix)
-    )
+    metrics = FrontendMetrics(args.metrics_prefix)
+    router_factory = None
+    if args.router_mode is RouterMode.KV:
+        # armature_router_* on the frontend's /metrics, one set shared by every model's router.
+        router_factory = kv_router_factory(runtime, args.kv_router, RouterMetrics(metrics.registry))
+    return Frontend(source, runtime_client_factory(runtime), args.frontend_config(), metrics, router_factory)
 
 
 class HttpServer(uvicorn.Server):

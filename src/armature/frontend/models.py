@@ -19,6 +19,7 @@ import msgspec
 from armature.frontend.preprocess import Preprocessor
 from armature.frontend.tokenizer import ModelTokenizer, TokenizerLoadError
 from armature.protocols.model_card import ModelCard
+from armature.router.kv_push import KvPushRouter
 from armature.router.push import EndpointClient, PushRouter, RouterMode
 from armature.runtime.discovery.base import KeyValueStore, WatchEventKind
 
@@ -88,6 +89,9 @@ class DiscoveryModelSource:
 
 
 ClientFactory = Callable[[str], Awaitable[EndpointClient]]
+Router = PushRouter | KvPushRouter
+# Builds the router of a newly served model (KV mode needs the card's block size and endpoint).
+RouterFactory = Callable[[ModelCard, EndpointClient], Awaitable[Router]]
 
 
 @dataclass
@@ -95,7 +99,7 @@ class ServedModel:
     name: str
     card: ModelCard
     preprocessor: Preprocessor
-    router: PushRouter
+    router: Router
     migration_limit: int
     cards: dict[str, ModelCard] = field(default_factory=dict)  # key -> card, one per instance
 
@@ -112,8 +116,10 @@ class ModelManager:
         router_mode: RouterMode,
         migration_limit: int = 0,
         kv_cache_block_size: int | None = None,
+        router_factory: RouterFactory | None = None,
     ) -> None:
         self._client_factory = client_factory
+        self._router_factory = router_factory
         self._router_mode = router_mode
         self._migration_limit = migration_limit
         self._block_size = kv_cache_block_size
@@ -121,6 +127,7 @@ class ModelManager:
         self._name_by_key: dict[str, str] = {}
         self._clients: dict[str, EndpointClient] = {}
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Future[None]] = set()
         self.changed = asyncio.Event()
 
     def get(self, name: str) -> ServedModel | None:
@@ -173,11 +180,15 @@ class ModelManager:
             client = await self._client_factory(card.endpoint)
             self._clients[card.endpoint] = client
         limit = self._migration_limit if self._migration_limit > 0 else card.migration_limit
+        if self._router_factory is not None:
+            router: Router = await self._router_factory(card, client)
+        else:
+            router = PushRouter(client, self._router_mode)
         model = ServedModel(
             name=card.name,
             card=card,
             preprocessor=Preprocessor(card, tokenizer),
-            router=PushRouter(client, self._router_mode),
+            router=router,
             migration_limit=limit,
         )
         model.cards[key] = card
@@ -196,3 +207,15 @@ class ModelManager:
         if not model.cards:
             del self._models[name]
             log.info("model %r has no workers left; removed", name)
+            close = getattr(model.router, "close", None)
+            if close is not None:
+                self._closing.add(asyncio.ensure_future(close()))
+
+    async def close(self) -> None:
+        """Close every model's router (the KV router's subscriptions and tasks)."""
+        for model in list(self._models.values()):
+            close = getattr(model.router, "close", None)
+            if close is not None:
+                await close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -69,6 +69,29 @@ class Tool(msgspec.Struct, omit_defaults=True):
     type: Literal["function"] = "function"
 
 
+class RouterConfigOverride(msgspec.Struct, forbid_unknown_fields=False):
+    overlap_score_weight: Annotated[float, Meta(ge=0.0)] | None = None
+    router_temperature: Annotated[float, Meta(ge=0.0)] | None = None
+
+
+InstanceId = Annotated[int, Meta(ge=0)] | Annotated[str, Meta(pattern="^(0x)?[0-9a-fA-F]{1,16}$")]
+
+
+class NvExt(msgspec.Struct, forbid_unknown_fields=False):
+    """Dynamo's request extension: routing pins and per-request router overrides.
+
+    Instance ids are integers, or hex strings as ``/health`` prints them.
+    """
+
+    backend_instance_id: InstanceId | None = None
+    dp_rank: NonNegInt | None = None
+    router_config_override: RouterConfigOverride | None = None
+    # Flat spellings of the two overrides; ``router_config_override`` wins when both are given.
+    overlap_score_weight: Annotated[float, Meta(ge=0.0)] | None = None
+    router_temperature: Annotated[float, Meta(ge=0.0)] | None = None
+    annotations: list[str] | None = None
+
+
 class _SamplingFields(msgspec.Struct, kw_only=True):
     model: str
     max_tokens: PositiveInt | None = None
@@ -88,6 +111,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     min_tokens: NonNegInt = 0
     skip_special_tokens: bool = True
     user: str | None = None
+    nvext: NvExt | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):

@@ -16,11 +16,12 @@ import msgspec
 
 from armature.frontend.chat_template import ChatTemplateError
 from armature.frontend.errors import ApiError
-from armature.frontend.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, TextPart
+from armature.frontend.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, NvExt, TextPart
 from armature.frontend.tokenizer import ModelTokenizer
 from armature.protocols.llm import (
     OutputOptions,
     PreprocessedRequest,
+    RoutingHints,
     SamplingOptions,
     StopConditions,
 )
@@ -29,6 +30,25 @@ from armature.protocols.model_card import ModelCard
 # Below this many characters tokenizing inline is cheaper than a thread hop.
 _INLINE_TOKENIZE_CHARS = 4096
 _SEED_MASK = 2**63 - 1
+
+
+def routing_hints(nvext: NvExt | None) -> RoutingHints | None:
+    """The request's routing pins and router overrides from ``nvext`` (None when it has none)."""
+    if nvext is None:
+        return None
+    wid = nvext.backend_instance_id
+    if isinstance(wid, str):
+        wid = int(wid, 16)
+    override = nvext.router_config_override
+    weight = override.overlap_score_weight if override is not None else None
+    temperature = override.router_temperature if override is not None else None
+    hints = RoutingHints(
+        backend_instance_id=wid,
+        dp_rank=nvext.dp_rank,
+        overlap_score_weight=weight if weight is not None else nvext.overlap_score_weight,
+        router_temperature=temperature if temperature is not None else nvext.router_temperature,
+    )
+    return hints if hints != RoutingHints() else None
 
 
 @dataclass
@@ -216,6 +236,7 @@ class Preprocessor:
         stop = _stop_list(req.stop)
         hidden = list(card.eos_token_ids)
         top_k = req.top_k if req.top_k not in (0,) else -1
+        routing = routing_hints(req.nvext)
         choices: list[PreparedChoice] = []
         index = 0
         for p in prompts:
@@ -248,6 +269,8 @@ class Preprocessor:
                         skip_special_tokens=req.skip_special_tokens,
                     ),
                     eos_token_ids=[] if req.ignore_eos else list(card.eos_token_ids),
+                    routing=routing,
+                    annotations=req.nvext.annotations if req.nvext is not None else None,
                 )
                 choices.append(PreparedChoice(index, p, pre))
                 index += 1

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from armature.frontend.errors import ApiError, from_decode_error
 from armature.frontend.metrics import CONTENT_TYPE, FrontendMetrics
-from armature.frontend.models import ClientFactory, ModelManager, ModelSource, ServedModel
+from armature.frontend.models import ClientFactory, ModelManager, ModelSource, RouterFactory, ServedModel
 from armature.frontend.openapi import openapi_document
 from armature.frontend.openai import (
     ChatCompletionRequest,
@@ -91,18 +91,18 @@ class Frontend:
         client_factory: ClientFactory,
         config: FrontendConfig | None = None,
         metrics: FrontendMetrics | None = None,
+        router_factory: RouterFactory | None = None,
     ) -> None:
         self.config = config or FrontendConfig()
-        if self.config.router_mode is RouterMode.KV:
-            raise ValueError(
-                "--router-mode kv is not available yet in this build; use round-robin, random or direct"
-            )
+        if self.config.router_mode is RouterMode.KV and router_factory is None:
+            raise ValueError("--router-mode kv needs a KV router factory (armature.router.kv_binding)")
         self.metrics = metrics or FrontendMetrics()
         self.models = ModelManager(
             client_factory,
             self.config.router_mode,
             self.config.migration_limit,
             self.config.kv_cache_block_size,
+            router_factory,
         )
         self._source = source
         self._watch_task: asyncio.Task[None] | None = None
@@ -126,6 +126,7 @@ class Frontend:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
             self._watch_task = None
+        await self.models.close()
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests (503, /health unhealthy) and wait for in-flight ones."""
