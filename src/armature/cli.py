@@ -127,11 +127,18 @@ def _mocker(argv: Sequence[str]) -> int:
     return mocker_main(list(argv))
 
 
+def _bench(argv: Sequence[str]) -> int:
+    from armature.bench.cli import main as bench_main
+
+    return bench_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (serve_main, "frontend + one worker in one process (the embedded default)"),
     "frontend": (_frontend, "the OpenAI HTTP frontend (python -m armature.frontend)"),
     "worker": (_worker, "an SGLang-style worker (python -m armature.sglang)"),
     "mocker": (_mocker, "a worker on the simulated engine (python -m armature.mocker)"),
+    "bench": (_bench, "load generator for any OpenAI endpoint: latency, throughput, goodput (docs/bench.md)"),
 }
 
 
