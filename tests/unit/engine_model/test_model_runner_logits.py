@@ -167,7 +167,7 @@ def test_smollm2_greedy_generation_equals_transformers_generate(smollm2_path: Pa
                                 return_dict=False)
         for q in questions
     ]
-    max_new = 12
+    max_new = 10
     driver = PagedDriver(runner)
     seqs = [Seq() for _ in toks]
     outs: list[list[int]] = [[] for _ in toks]
