@@ -1,10 +1,10 @@
 """Attention with torch's scaled_dot_product_attention over the paged KV pool (CPU and CUDA).
 
-Decode batches are attended in one call: every sequence's context slots are gathered into a
-padded ``[B, max_len]`` index once per forward, and an additive mask hides the padding. Extend
-batches go per sequence (prefill is matmul-bound, so the loop costs little), reading the new
-tokens' K/V straight from the projection when there is no cached prefix.
-GQA never materialises repeated K/V heads.
+One-token rows (a decode batch, or the decodes mixed into an extend batch) are attended in one
+call: every such sequence's context slots are gathered into a padded ``[B, max_len]`` index once
+per forward, and an additive mask hides the padding. Multi-token rows (prefill chunks) go per
+sequence (prefill is matmul-bound, so the loop costs little), reading the new tokens' K/V straight
+from the projection when there is no cached prefix. GQA never materialises repeated K/V heads.
 """
 
 from __future__ import annotations
@@ -30,60 +30,78 @@ class _ExtendSeq:
 class _DecodePlan:
     idx: torch.Tensor  # [B, max_len] slots, padded with slot 0
     mask: torch.Tensor | None  # [B, 1, 1, max_len] additive (0 / -inf); None when all lengths are equal
+    rows: torch.Tensor | None  # rows of the packed batch these sequences own; None = all rows, in order
+
+
+@dataclass
+class _Plan:
+    out_loc: torch.Tensor
+    decode: _DecodePlan | None
+    extend: list[_ExtendSeq]
 
 
 class TorchAttentionBackend(AttentionBackend):
-    _decode: _DecodePlan | None = None
-    _extend: list[_ExtendSeq] | None = None
-    _out_loc: torch.Tensor | None = None
+    _plan: _Plan | None = None
 
     def prepare(self, batch: ForwardBatch) -> None:
         device = self.kv_pool.shape.device
-        self._out_loc = batch.out_cache_loc.to(device, non_blocking=True)
+        out_loc = batch.out_cache_loc.to(device, non_blocking=True)
         if batch.mode is ForwardMode.DECODE:
-            self._extend = None
-            lens = batch.seq_lens
-            max_len = max(lens)
-            if min(lens) == max_len:
-                idx = torch.stack(batch.kv_indices)
-                mask = None
-            else:
-                idx = torch.nn.utils.rnn.pad_sequence(batch.kv_indices, batch_first=True, padding_value=0)
-                lens_t = torch.tensor(lens, device=device)
-                pad = torch.arange(max_len, device=device)[None, :] >= lens_t[:, None]
-                mask = torch.zeros(pad.shape, dtype=self.kv_pool.shape.dtype, device=device)
-                mask = mask.masked_fill_(pad, float("-inf"))[:, None, None, :]
-            self._decode = _DecodePlan(idx=idx.to(device), mask=mask)
+            self._plan = _Plan(out_loc, self._decode_plan(batch.kv_indices, batch.seq_lens, None), [])
             return
-        self._decode = None
-        plans: list[_ExtendSeq] = []
+        extend: list[_ExtendSeq] = []
+        single_rows: list[int] = []
+        single_kv: list[torch.Tensor] = []
         start = 0
         for n, prefix, kv in zip(batch.extend_lens, batch.prefix_lens, batch.kv_indices):
-            if prefix == 0:
-                plans.append(_ExtendSeq(start, start + n, None, None))
+            if n == 1:
+                single_rows.append(start)
+                single_kv.append(kv)
+            elif prefix == 0:
+                extend.append(_ExtendSeq(start, start + n, None, None))
             else:
                 ctx = prefix + n
                 # New token j sits at context position prefix + j and sees positions <= that.
-                mask = None
-                if n > 1:
-                    mask = (
-                        torch.arange(ctx, device=device)[None, :]
-                        <= (torch.arange(n, device=device) + prefix)[:, None]
-                    )
-                plans.append(_ExtendSeq(start, start + n, kv.to(device), mask))
+                mask = (
+                    torch.arange(ctx, device=device)[None, :] <= (torch.arange(n, device=device) + prefix)[:, None]
+                )
+                extend.append(_ExtendSeq(start, start + n, kv.to(device), mask))
             start += n
-        self._extend = plans
+        decode = None
+        if single_rows:
+            rows = torch.tensor(single_rows, dtype=torch.int64, device=device)
+            decode = self._decode_plan(single_kv, [kv.shape[0] for kv in single_kv], rows)
+        self._plan = _Plan(out_loc, decode, extend)
+
+    def _decode_plan(self, kv: list[torch.Tensor], lens: list[int], rows: torch.Tensor | None) -> _DecodePlan:
+        device = self.kv_pool.shape.device
+        max_len = max(lens)
+        if min(lens) == max_len:
+            return _DecodePlan(torch.stack(kv).to(device), None, rows)
+        idx = torch.nn.utils.rnn.pad_sequence(kv, batch_first=True, padding_value=0).to(device)
+        pad = torch.arange(max_len, device=device)[None, :] >= torch.tensor(lens, device=device)[:, None]
+        mask = torch.zeros(pad.shape, dtype=self.kv_pool.shape.dtype, device=device)
+        return _DecodePlan(idx, mask.masked_fill_(pad, float("-inf"))[:, None, None, :], rows)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        plan = self._plan
+        assert plan is not None, "prepare() must run before forward()"
         k_buf = self.kv_pool.k_buffer[layer]
         v_buf = self.kv_pool.v_buffer[layer]
-        assert self._out_loc is not None, "prepare() must run before forward()"
-        k_buf.index_copy_(0, self._out_loc, k)
-        v_buf.index_copy_(0, self._out_loc, v)
-        if self._decode is not None:
-            return self._forward_decode(q, k_buf, v_buf, self._decode)
-        assert self._extend is not None
-        return self._forward_extend(q, k, v, k_buf, v_buf, self._extend)
+        k_buf.index_copy_(0, plan.out_loc, k)
+        v_buf.index_copy_(0, plan.out_loc, v)
+        if not plan.extend:
+            assert plan.decode is not None
+            if plan.decode.rows is None:
+                return self._forward_decode(q, k_buf, v_buf, plan.decode)
+        out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        for p in plan.extend:
+            out[p.start : p.end] = self._forward_one(q, k, v, k_buf, v_buf, p)
+        if plan.decode is not None:
+            rows = plan.decode.rows
+            assert rows is not None
+            out.index_copy_(0, rows, self._forward_decode(q.index_select(0, rows), k_buf, v_buf, plan.decode))
+        return out
 
     def _forward_decode(
         self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, plan: _DecodePlan
@@ -96,34 +114,30 @@ class TorchAttentionBackend(AttentionBackend):
         # measured faster on CPU than enable_gqa (the mask broadcasts over heads and rows).
         group = self.num_heads // self.num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.view(b, self.num_kv_heads, group, self.head_dim), keys, values, attn_mask=plan.mask, scale=self.scale
+            q.reshape(b, self.num_kv_heads, group, self.head_dim), keys, values, attn_mask=plan.mask, scale=self.scale
         )  # [B, kv_heads, group, D]
         return out.reshape(b, self.num_heads * self.head_dim)
 
-    def _forward_extend(
+    def _forward_one(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         k_buf: torch.Tensor,
         v_buf: torch.Tensor,
-        plans: list[_ExtendSeq],
+        p: _ExtendSeq,
     ) -> torch.Tensor:
-        out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        for p in plans:
-            qi = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
-            if p.kv_idx is None:
-                ki, vi = k[p.start : p.end], v[p.start : p.end]
-            else:
-                ki, vi = _gather(k_buf, p.kv_idx), _gather(v_buf, p.kv_idx)
-            ki = ki.transpose(0, 1).unsqueeze(0)
-            vi = vi.transpose(0, 1).unsqueeze(0)
-            causal = p.kv_idx is None and p.end - p.start > 1
-            o = F.scaled_dot_product_attention(
-                qi, ki, vi, attn_mask=p.mask, is_causal=causal, scale=self.scale, enable_gqa=True
-            )
-            out[p.start : p.end] = o[0].transpose(0, 1)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        qi = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
+        if p.kv_idx is None:
+            ki, vi = k[p.start : p.end], v[p.start : p.end]
+        else:
+            ki, vi = _gather(k_buf, p.kv_idx), _gather(v_buf, p.kv_idx)
+        ki = ki.transpose(0, 1).unsqueeze(0)
+        vi = vi.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qi, ki, vi, attn_mask=p.mask, is_causal=p.kv_idx is None, scale=self.scale, enable_gqa=True
+        )  # [1, heads, n, D]
+        return o[0].transpose(0, 1).reshape(p.end - p.start, self.num_heads * self.head_dim)
 
 
 def _gather(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
