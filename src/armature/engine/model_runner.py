@@ -28,10 +28,11 @@ _DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-# CPU: the KV pool shares RAM with everything else on the machine, so take a modest share of what
-# is free and never more than a few GiB unless asked for explicitly with max_total_tokens.
-_CPU_MEM_FRACTION = 0.2
-_CPU_KV_CAP_BYTES = 4 << 30
+# CPU: the KV pool shares RAM with everything else on the machine and is zero-filled at start
+# (seconds per GiB on a busy box), so take a modest share of what is free, at most 2 GiB (45k
+# tokens of SmolLM2-135M in fp32), unless asked for more with max_total_tokens/mem_fraction_static.
+_CPU_MEM_FRACTION = 0.1
+_CPU_KV_CAP_BYTES = 2 << 30
 _CUDA_MEM_FRACTION = 0.85
 
 
@@ -124,12 +125,13 @@ class ModelRunner:
                 raise ValueError(f"max_total_tokens must be positive, got {max_total_tokens}")
             return -(-max_total_tokens // self.page_size)
         cuda = self.device.type == "cuda"
+        explicit = mem_fraction is not None
         if mem_fraction is None:
             mem_fraction = _CUDA_MEM_FRACTION if cuda else _CPU_MEM_FRACTION
         if not 0 < mem_fraction <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {mem_fraction}")
         budget = int(available_memory_bytes(self.device) * mem_fraction)
-        if not cuda:
+        if not cuda and not explicit:
             budget = min(budget, _CPU_KV_CAP_BYTES)
         pages = pages_for_budget(shape, self.page_size, budget)
         if pages == 0:
