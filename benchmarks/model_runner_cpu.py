@@ -71,8 +71,11 @@ class Sequences:
         outs = []
         for i, p in enumerate(self.prompts):
             slots = self._slots(i, len(p))
-            outs.append(self.runner.forward(ForwardBatch(
-                ForwardMode.EXTEND, torch.tensor(p), torch.arange(len(p)), slots, [len(p)], [0], [slots], [False])))
+            n = len(p)
+            batch = ForwardBatch(
+                ForwardMode.EXTEND, torch.tensor(p), torch.arange(n), slots, [n], [0], [slots], [False]
+            )
+            outs.append(self.runner.forward(batch))
             self.lens[i] = len(p)
         return torch.cat(outs)
 
@@ -100,8 +103,14 @@ def hf_generate(model: transformers.PreTrainedModel, prompts: list[list[int]], n
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
 
 def main() -> None:
@@ -133,8 +142,12 @@ def main() -> None:
     n = args.new_tokens
     rows: list[dict[str, object]] = []
 
-    def compare(name: str, unit_count: int, unit: str, ours: Callable[[], object], theirs: Callable[[], object],
-                ours_base: Callable[[], object] | None = None, theirs_base: Callable[[], object] | None = None) -> None:
+    Fn = Callable[[], object]
+
+    def compare(
+        name: str, unit_count: int, unit: str, ours: Fn, theirs: Fn,
+        ours_base: Fn | None = None, theirs_base: Fn | None = None,
+    ) -> None:
         ours(), theirs()  # warm up
         t_ours, t_hf = best_of(ours, args.repeats), best_of(theirs, args.repeats)
         if ours_base is not None and theirs_base is not None:
@@ -143,8 +156,10 @@ def main() -> None:
         row = {"case": name, "unit": unit, "armature": unit_count / t_ours, "transformers": unit_count / t_hf,
                "ratio": t_hf / t_ours}
         rows.append(row)
-        print(f"{name:<40} {row['armature']:>10.1f} {row['transformers']:>13.1f} {row['ratio']:>7.2f}x  {unit}",
-              flush=True)
+        print(
+            f"{name:<40} {row['armature']:>10.1f} {row['transformers']:>13.1f} {row['ratio']:>7.2f}x  {unit}",
+            flush=True,
+        )
 
     print(f"{'case':<40} {'armature':>10} {'transformers':>13} {'ratio':>8}")
     one = Sequences(runner, prompts([128]))
@@ -162,7 +177,9 @@ def main() -> None:
 
     result = {
         "benchmark": "model_runner_cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "model": str(runner.model_path), "random_weights": args.random_smollm2_shape, "rows": rows,
     }

@@ -126,7 +126,9 @@ def _rope_of(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if scaling is not None:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in _ROPE_TYPES:
-            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (supported: {sorted(_ROPE_TYPES)})")
+            raise UnsupportedModelError(
+                f"rope type {rope_type!r} is not supported (supported: {sorted(_ROPE_TYPES)})"
+            )
         if rope_type == "default":
             scaling = None
         else:

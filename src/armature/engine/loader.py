@@ -76,7 +76,9 @@ def resolve_model_path(model_path: str | os.PathLike[str] | None) -> Path:
     path = Path(model_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but has no config.json; it is not a HF model folder")
+            raise ModelNotFoundError(
+                f"{path} is a folder but has no config.json; it is not a HF model folder"
+            )
         return path.resolve()
     if path.is_file():
         if path.suffix.lower() == ".gguf":

@@ -149,7 +149,9 @@ class ModelRunner:
         """float32 logits, one row per ``batch.logit_rows()`` entry: ``[rows, vocab]``."""
         longest = max(p + e for p, e in zip(batch.prefix_lens, batch.extend_lens))
         if longest > self.context_length:
-            raise ValueError(f"a sequence of {longest} tokens exceeds the context length {self.context_length}")
+            raise ValueError(
+                f"a sequence of {longest} tokens exceeds the context length {self.context_length}"
+            )
         with torch.inference_mode():
             self.attn_backend.prepare(batch)
             return self.model.forward(

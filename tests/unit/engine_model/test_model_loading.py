@@ -62,11 +62,13 @@ def test_converted_tokenizer_loads_in_transformers_and_renders_the_chat_template
 def test_converted_smollm2_gives_the_same_logits_in_transformers_and_the_engine(smollm2_path: Path) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_path)
-    ids = tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of", add_special_tokens=False)
+    text = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
+    ids = tok.encode(text, add_special_tokens=False)
     runner = ModelRunner(str(smollm2_path), max_total_tokens=256)
     pool = runner.kv_pool
     slots = pool.slots_of(pool.alloc(-(-len(ids) // pool.page_size)), len(ids))
-    batch = ForwardBatch(ForwardMode.EXTEND, torch.tensor(ids), torch.arange(len(ids)), slots, [len(ids)], [0],
+    n = len(ids)
+    batch = ForwardBatch(ForwardMode.EXTEND, torch.tensor(ids), torch.arange(n), slots, [n], [0],
                          [slots], [True])
     got = runner.forward(batch)
     with torch.no_grad():
@@ -103,14 +105,17 @@ def test_kv_pool_is_sized_from_max_total_tokens_or_memory(tiny_llama_path: Path)
     assert runner.kv_pool.total_pages == 63  # ceil(1000 / 16)
     by_memory = ModelRunner(str(tiny_llama_path), page_size=32, mem_fraction_static=0.001)
     assert by_memory.kv_pool.total_pages > 0 and by_memory.kv_pool.page_size == 32
-    assert ModelRunner(str(tiny_llama_path), max_total_tokens=64, max_context_length=100).context_length == 100
+    capped = ModelRunner(str(tiny_llama_path), max_total_tokens=64, max_context_length=100)
+    assert capped.context_length == 100
 
 
 def test_a_sequence_longer_than_the_context_length_is_refused(tiny_llama_path: Path) -> None:
     runner = ModelRunner(str(tiny_llama_path), max_total_tokens=64, max_context_length=20)
     pool = runner.kv_pool
     slots = pool.slots_of(pool.alloc(2), 21)
-    batch = ForwardBatch(ForwardMode.EXTEND, torch.arange(21), torch.arange(21), slots, [21], [0], [slots], [False])
+    batch = ForwardBatch(
+        ForwardMode.EXTEND, torch.arange(21), torch.arange(21), slots, [21], [0], [slots], [False]
+    )
     with pytest.raises(ValueError, match="exceeds the context length 20"):
         runner.forward(batch)
 
@@ -122,7 +127,9 @@ def test_a_file_that_is_not_gguf_is_rejected_clearly(tmp_path: Path) -> None:
         resolve_model_path(str(f))
 
 
-def test_a_hub_id_is_rejected_with_a_no_download_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hub_id_is_rejected_with_a_no_download_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # so the id cannot accidentally name a local folder
     with pytest.raises(ModelNotFoundError, match="does not download weights"):
         resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -140,7 +147,8 @@ def test_unsupported_architectures_and_dtypes_are_rejected(tmp_path: Path, tiny_
     with pytest.raises(UnsupportedModelError, match="gpt_neox"):
         ModelConfig.from_dict({**raw, "model_type": "gpt_neox"})
     with pytest.raises(UnsupportedModelError, match="yarn"):
-        ModelConfig.from_dict({**raw, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}})
+        yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+        ModelConfig.from_dict({**raw, "rope_parameters": yarn})
     with pytest.raises(ValueError, match="unknown dtype"):
         ModelRunner(str(tiny_llama_path), dtype="int3", max_total_tokens=64)
 
@@ -165,8 +173,10 @@ def test_mistral_sliding_window_caps_the_context_and_matches_transformers_within
     ids = list(range(100, 196))
     pool = runner.kv_pool
     slots = pool.slots_of(pool.alloc(6), 96)
-    got = runner.forward(ForwardBatch(ForwardMode.EXTEND, torch.tensor(ids), torch.arange(96), slots, [96], [0],
-                                      [slots], [True]))
+    batch = ForwardBatch(
+        ForwardMode.EXTEND, torch.tensor(ids), torch.arange(96), slots, [96], [0], [slots], [True]
+    )
+    got = runner.forward(batch)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]

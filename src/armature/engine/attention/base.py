@@ -17,7 +17,9 @@ from armature.engine.kv_pool import KVPool
 
 
 class AttentionBackend(ABC):
-    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, scale: float
+    ) -> None:
         self.kv_pool = kv_pool
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

@@ -62,9 +62,8 @@ class TorchAttentionBackend(AttentionBackend):
             else:
                 ctx = prefix + n
                 # New token j sits at context position prefix + j and sees positions <= that.
-                mask = (
-                    torch.arange(ctx, device=device)[None, :] <= (torch.arange(n, device=device) + prefix)[:, None]
-                )
+                ctx_pos = torch.arange(ctx, device=device)[None, :]
+                mask = ctx_pos <= (torch.arange(n, device=device) + prefix)[:, None]
                 extend.append(_ExtendSeq(start, start + n, kv.to(device), mask))
             start += n
         decode = None
@@ -114,7 +113,11 @@ class TorchAttentionBackend(AttentionBackend):
         # measured faster on CPU than enable_gqa (the mask broadcasts over heads and rows).
         group = self.num_heads // self.num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.reshape(b, self.num_kv_heads, group, self.head_dim), keys, values, attn_mask=plan.mask, scale=self.scale
+            q.reshape(b, self.num_kv_heads, group, self.head_dim),
+            keys,
+            values,
+            attn_mask=plan.mask,
+            scale=self.scale,
         )  # [B, kv_heads, group, D]
         return out.reshape(b, self.num_heads * self.head_dim)
 

@@ -31,7 +31,9 @@ class LayerWeights:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], rotary: RotaryEmbedding
+    ) -> None:
         self.config = config
         self.rotary = rotary
         self.eps = config.rms_norm_eps
@@ -56,10 +58,10 @@ class LlamaModel:
             except KeyError:
                 raise ValueError(f"missing weight {p + name}") from None
 
-        qkv = torch.cat([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"), take("self_attn.v_proj.weight")])
+        qkv = torch.cat([take(f"self_attn.{x}_proj.weight") for x in "qkv"])
         bias = None
         if self.config.attention_bias:
-            bias = torch.cat([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"), take("self_attn.v_proj.bias")])
+            bias = torch.cat([take(f"self_attn.{x}_proj.bias") for x in "qkv"])
         qn = take("self_attn.q_norm.weight") if self.config.qk_norm else None
         kn = take("self_attn.k_norm.weight") if self.config.qk_norm else None
         return LayerWeights(
@@ -98,7 +100,8 @@ class LlamaModel:
                 # q and k sit side by side in qkv: rotate both heads' sets with one call.
                 qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
             else:
-                q = F.rms_norm(qkv[:, : self.q_size].view(t, heads, cfg.head_dim), head_dim, layer.q_norm, eps)
+                q = qkv[:, : self.q_size].view(t, heads, cfg.head_dim)
+                q = F.rms_norm(q, head_dim, layer.q_norm, eps)
                 k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, kv_heads, cfg.head_dim)
                 qk = torch.cat([q, F.rms_norm(k, head_dim, layer.k_norm, eps)], dim=1)
             qk = apply_rotary(qk, cos, sin)
