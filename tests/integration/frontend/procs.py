@@ -129,10 +129,11 @@ def wait_until(predicate, timeout_s: float, what: str, procs: list[Proc] = ()) -
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs}")
 
 
-def metric_value(text: str, name: str) -> float:
-    """Sum of every sample of ``name`` in a Prometheus text page (0 when absent)."""
+def metric_value(text: str, name: str, label: str = "") -> float:
+    """Sum of the samples of ``name`` (those carrying ``label``, e.g. 'endpoint="generate"') in a
+    Prometheus text page; 0 when there are none."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
+        if line.startswith(name) and line[len(name)] in " {" and label in line:
             total += float(line.rsplit(" ", 1)[1])
     return total

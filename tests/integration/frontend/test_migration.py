@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from integration.frontend.procs import (
+    START_TIMEOUT_S,
     Proc,
     http_get,
     metric_value,
@@ -43,7 +44,7 @@ def start_cluster(tmp: Path, model_path: Path, migration_limit: int) -> tuple[Pr
     workers = [start_mocker_worker(tmp, kv, model_path, MODEL) for _ in range(2)]
     for w in workers:
         w.status_url()
-    wait_until(lambda: served_instances(frontend) == 2, 60, "both workers behind the frontend", [frontend, *workers])
+    wait_until(lambda: served_instances(frontend) == 2, START_TIMEOUT_S, "both workers behind the frontend", [frontend, *workers])
     return frontend, workers
 
 
@@ -77,7 +78,7 @@ def stream_and_kill_server(frontend: Proc, workers: list[Proc]) -> tuple[int, in
             chunks += 1
             finish = choice.finish_reason or finish
         if killed is None and chunks == 10:
-            busy = [w for w in workers if metric_value(http_get(w.status_url() + "/metrics")[1].decode(), INFLIGHT) > 0]
+            busy = [w for w in workers if metric_value(http_get(w.status_url() + "/metrics")[1].decode(), INFLIGHT, 'endpoint="generate"') > 0]
             assert len(busy) == 1, "exactly one worker should be running the stream"
             killed = busy[0]
             killed.kill()

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from integration.frontend.procs import (
+    START_TIMEOUT_S,
     Proc,
     http_get,
     metric_value,
@@ -51,7 +52,7 @@ def cluster(tmp_path: Path, tiny_llama_path: Path) -> Iterator[tuple[Proc, list[
     try:
         for w in workers:
             w.status_url()
-        wait_until(lambda: served_instances(frontend) == 2, 60, "both workers behind the frontend", procs)
+        wait_until(lambda: served_instances(frontend) == 2, START_TIMEOUT_S, "both workers behind the frontend", procs)
         yield frontend, workers
     finally:
         for p in procs:
@@ -71,7 +72,7 @@ def chat(client: openai.OpenAI, max_tokens: int = 8) -> str:
 def worker_requests(worker: Proc) -> float:
     status, body = http_get(worker.status_url() + "/metrics")
     assert status == 200
-    return metric_value(body.decode(), REQUESTS)
+    return metric_value(body.decode(), REQUESTS, 'endpoint="generate"')
 
 
 def test_requests_spread_and_sigterm_one_worker(cluster: tuple[Proc, list[Proc]]) -> None:
