@@ -33,6 +33,8 @@ _DTYPES: dict[str, torch.dtype] = {
 # tokens of SmolLM2-135M in fp32), unless asked for more with max_total_tokens/mem_fraction_static.
 _CPU_MEM_FRACTION = 0.1
 _CPU_KV_CAP_BYTES = 2 << 30
+# Small models would otherwise get millions of slots (and a slow zero-fill) nobody on a CPU uses.
+_CPU_KV_CAP_TOKENS = 1 << 18
 _CUDA_MEM_FRACTION = 0.85
 
 
@@ -134,6 +136,8 @@ class ModelRunner:
         if not cuda and not explicit:
             budget = min(budget, _CPU_KV_CAP_BYTES)
         pages = pages_for_budget(shape, self.page_size, budget)
+        if not cuda and not explicit:
+            pages = min(pages, _CPU_KV_CAP_TOKENS // self.page_size)
         if pages == 0:
             raise MemoryError(
                 f"no memory left for the KV cache ({budget} bytes budget); lower the model size or "

@@ -105,6 +105,8 @@ def test_kv_pool_is_sized_from_max_total_tokens_or_memory(tiny_llama_path: Path)
     assert runner.kv_pool.total_pages == 63  # ceil(1000 / 16)
     by_memory = ModelRunner(str(tiny_llama_path), page_size=32, mem_fraction_static=0.001)
     assert by_memory.kv_pool.total_pages > 0 and by_memory.kv_pool.page_size == 32
+    default = ModelRunner(str(tiny_llama_path))
+    assert 0 < default.kv_pool.total_pages * 16 <= 1 << 18  # a CPU default: modest, never millions
     capped = ModelRunner(str(tiny_llama_path), max_total_tokens=64, max_context_length=100)
     assert capped.context_length == 100
 
