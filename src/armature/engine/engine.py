@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -49,6 +49,10 @@ from armature.engine.scheduler import (
     SeqResult,
 )
 from armature.engine.server_args import KvEventsConfig, ServerArgs
+
+if TYPE_CHECKING:
+    from armature.engine.disagg.config import DisaggConfig
+    from armature.engine.disagg.link import DisaggLink
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +451,9 @@ def finish_reason_dict(out: GenerateOutput, completion_tokens: int) -> dict[str,
 class NativeEngine(ThreadedEngine):
     """``Engine(model_path=..., **server_args)``: SGLang's offline engine, on our own runtime."""
 
-    def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, server_args: ServerArgs | None = None, *, disaggregation: DisaggConfig | None = None, **kwargs: Any
+    ) -> None:
         from armature.engine.model_runner import ModelRunner
 
         args = server_args if server_args is not None else ServerArgs.from_kwargs(**kwargs)
@@ -482,7 +488,12 @@ class NativeEngine(ThreadedEngine):
         )
         self._profiler: torch.profiler.profile | None = None
         self._rid_counter = itertools.count()
-        super().__init__(Scheduler(sched_cfg, self.executor), args.kv_events(), "native")
+        scheduler = Scheduler(sched_cfg, self.executor)
+        if disaggregation is not None:
+            from armature.engine.disagg.scheduler import DisaggScheduler
+
+            scheduler = DisaggScheduler(sched_cfg, self.executor, disaggregation.mode)
+        super().__init__(scheduler, args.kv_events(), "native")
         self.info = EngineInfo(
             model_path=str(runner.model_path),
             served_model_name=args.served_model_name or Path(args.model_path or runner.model_path).stem,
@@ -498,6 +509,18 @@ class NativeEngine(ThreadedEngine):
             kv_events_endpoint=self.publisher.endpoint if self.publisher else None,
             engine_kind="native",
         )
+        # Disaggregated prefill/decode: the bootstrap server (prefill) or KV puller (decode).
+        self.disagg: DisaggLink | None = None
+        if disaggregation is not None:
+            from armature.engine.disagg.link import DisaggLink
+
+            self.disagg = DisaggLink.attach(self, disaggregation)
+
+    def shutdown_sync(self) -> None:
+        super().shutdown_sync()
+        link = getattr(self, "disagg", None)
+        if link is not None:
+            link.close()
 
     # --- control calls that need the model ----------------------------------------------
 

@@ -1,0 +1,73 @@
+"""Wires a native engine into disaggregated serving: its bootstrap server or its KV puller.
+
+``DisaggLink.attach(engine, config)`` is called once the engine's step loop runs; it connects
+the ``DisaggScheduler`` to the network side and publishes the bootstrap address in
+``engine.info`` (the worker puts it on its prefill model card).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from armature.engine.disagg.bootstrap import BootstrapServer
+from armature.engine.disagg.config import DisaggConfig, DisaggMode
+from armature.engine.disagg.kv_pages import layout_of
+from armature.engine.disagg.puller import KvPuller, PullResult
+from armature.engine.disagg.scheduler import DisaggScheduler, PrefillHooks
+
+if TYPE_CHECKING:
+    from armature.engine.engine import ThreadedEngine
+
+log = logging.getLogger(__name__)
+
+
+class DisaggLink:
+    def __init__(self, engine: ThreadedEngine, config: DisaggConfig) -> None:
+        sched = engine.scheduler
+        if not isinstance(sched, DisaggScheduler):
+            raise TypeError("a disaggregated engine needs a DisaggScheduler")
+        self.config = config
+        self.scheduler = sched
+        self.server: BootstrapServer | None = None
+        self.puller: KvPuller | None = None
+        layout = layout_of(sched.pool)
+        if config.mode is DisaggMode.PREFILL:
+
+            def abort_request(rid: str) -> None:
+                # Runs on the bootstrap loop; the engine's abort only enqueues a command.
+                asyncio.get_running_loop().create_task(engine.abort(rid))
+
+            server = BootstrapServer(
+                layout, abort_request, config.bootstrap_host, config.bootstrap_port, config.bootstrap_timeout_s
+            )
+            hooks = PrefillHooks()
+            hooks.open_room = server.open_room_threadsafe
+            hooks.stage = server.stage_threadsafe
+            hooks.fail = server.fail_threadsafe
+            sched.prefill_hooks = hooks
+            self.server = server
+            engine.info.bootstrap_host = server.host
+            engine.info.bootstrap_port = server.port
+        else:
+
+            def on_done(result: PullResult) -> None:
+                # Raises EngineError once the engine is shut down; the puller then frees the KV.
+                engine.run_in_loop(lambda: sched.pull_done(result))
+
+            puller = KvPuller(config, layout, on_done)
+            self.puller = puller
+            sched.start_pull = puller.start_threadsafe
+            sched.cancel_pull = puller.cancel_threadsafe
+
+    @classmethod
+    def attach(cls, engine: ThreadedEngine, config: DisaggConfig) -> DisaggLink:
+        return cls(engine, config)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.puller is not None:
+            self.puller.close()
+
