@@ -8,6 +8,7 @@ with one index tensor.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -45,10 +46,24 @@ class KVPool:
         self.num_pages = num_pages
         slots = num_pages * page_size
         kv = (slots, shape.num_kv_heads, shape.head_dim)
-        self.k_buffer = [torch.zeros(kv, dtype=shape.dtype, device=shape.device) for _ in range(shape.num_layers)]
-        self.v_buffer = [torch.zeros(kv, dtype=shape.dtype, device=shape.device) for _ in range(shape.num_layers)]
+        self._backing: mmap.mmap | None = None
+        if shape.device.type == "cpu":
+            buffers = self._lazy_zero_cpu_buffers(kv, 2 * shape.num_layers)
+        else:
+            buffers = [torch.zeros(kv, dtype=shape.dtype, device=shape.device) for _ in range(2 * shape.num_layers)]
+        self.k_buffer = buffers[: shape.num_layers]
+        self.v_buffer = buffers[shape.num_layers :]
         # LIFO free list: recently freed pages are reused first (warm in cache on the CPU).
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
+
+    def _lazy_zero_cpu_buffers(self, kv: tuple[int, int, int], count: int) -> list[torch.Tensor]:
+        # torch.zeros writes every byte up front: gigabytes of KV cost seconds at start-up. Anonymous
+        # mmap memory is zero too, but the kernel only materialises a page when it is first touched.
+        elem = torch.empty((), dtype=self.shape.dtype).element_size()
+        per = kv[0] * kv[1] * kv[2]
+        self._backing = mmap.mmap(-1, per * elem * count)
+        flat = torch.frombuffer(self._backing, dtype=torch.uint8).view(self.shape.dtype)
+        return [flat[i * per : (i + 1) * per].view(kv) for i in range(count)]
 
     @property
     def total_pages(self) -> int:
