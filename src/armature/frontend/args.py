@@ -48,6 +48,7 @@ class FrontendArgs:
     log_level: str
     runtime: RuntimeSettings
     kv_router: KvRouterConfig
+    decode_fallback: bool = False
 
     def frontend_config(self) -> FrontendConfig:
         return FrontendConfig(
@@ -56,6 +57,7 @@ class FrontendArgs:
             kv_cache_block_size=self.kv_cache_block_size,
             api_key=self.api_key,
             body_limit_bytes=self.body_limit_bytes,
+            decode_fallback=self.decode_fallback,
         )
 
 
@@ -95,6 +97,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=float,
         default=float(d("HTTP_BODY_LIMIT_MB", DEFAULT_BODY_LIMIT / 2**20)),
         help="largest accepted request body in MiB (413 beyond)",
+    )
+    p.add_argument(
+        "--decode-fallback",
+        action="store_true",
+        default=d("DECODE_FALLBACK", "").lower() in ("1", "true", "yes"),
+        help="disaggregated models with no prefill worker: decode aggregated instead of 503 (DYN_DECODE_FALLBACK)",
     )
     p.add_argument(
         "--graceful-shutdown-timeout",
@@ -149,4 +157,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         log_level=ns.log_level,
         runtime=runtime,
         kv_router=kv_router,
+        decode_fallback=ns.decode_fallback,
     )

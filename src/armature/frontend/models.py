@@ -20,6 +20,7 @@ from armature.frontend.preprocess import Preprocessor
 from armature.frontend.tokenizer import ModelTokenizer, TokenizerLoadError
 from armature.protocols.model_card import ModelCard
 from armature.router.kv_push import KvPushRouter
+from armature.router.prefill import DisaggRouter, PrefillRegistry, is_prefill_card
 from armature.router.push import EndpointClient, PushRouter, RouterMode
 from armature.runtime.discovery.base import KeyValueStore, WatchEventKind
 
@@ -89,7 +90,7 @@ class DiscoveryModelSource:
 
 
 ClientFactory = Callable[[str], Awaitable[EndpointClient]]
-Router = PushRouter | KvPushRouter
+Router = PushRouter | KvPushRouter | DisaggRouter
 # Builds the router of a newly served model (KV mode needs the card's block size and endpoint).
 RouterFactory = Callable[[ModelCard, EndpointClient], Awaitable[Router]]
 
@@ -117,8 +118,11 @@ class ModelManager:
         migration_limit: int = 0,
         kv_cache_block_size: int | None = None,
         router_factory: RouterFactory | None = None,
+        decode_fallback: bool = False,
     ) -> None:
         self._client_factory = client_factory
+        # Prefill cards (disaggregated serving) feed prefill pools, never a served model.
+        self.prefill = PrefillRegistry(client_factory, router_factory, router_mode, decode_fallback)
         self._router_factory = router_factory
         self._router_mode = router_mode
         self._migration_limit = migration_limit
@@ -158,6 +162,12 @@ class ModelManager:
     async def _add(self, key: str, card: ModelCard) -> None:
         if self._block_size is not None:
             card = msgspec.structs.replace(card, kv_cache_block_size=self._block_size)
+        if is_prefill_card(card):
+            await self.prefill.add(key, card)
+            served = self._models.get(card.name)
+            if served is not None:
+                served.router = self.prefill.wrap(card.name, served.router)
+            return
         model = self._models.get(card.name)
         if model is not None:
             if card.tokenizer_path != model.card.tokenizer_path or card.chat_template != model.card.chat_template:
@@ -184,6 +194,7 @@ class ModelManager:
             router: Router = await self._router_factory(card, client)
         else:
             router = PushRouter(client, self._router_mode)
+        router = self.prefill.wrap(card.name, router)
         model = ServedModel(
             name=card.name,
             card=card,
@@ -197,6 +208,8 @@ class ModelManager:
         log.info("serving model %r from %s (context %d)", card.name, card.endpoint, card.context_length)
 
     def _remove(self, key: str) -> None:
+        if self.prefill.remove(key):
+            return
         name = self._name_by_key.pop(key, None)
         if name is None:
             return
@@ -219,3 +232,4 @@ class ModelManager:
                 await close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        await self.prefill.close()

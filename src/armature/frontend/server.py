@@ -54,6 +54,8 @@ class FrontendConfig:
     kv_cache_block_size: int | None = None
     api_key: str | None = None
     body_limit_bytes: int = DEFAULT_BODY_LIMIT
+    # Disaggregated models with no prefill worker left: decode aggregated instead of 503.
+    decode_fallback: bool = False
 
 
 class _JsonBytes(Response):
@@ -103,6 +105,7 @@ class Frontend:
             self.config.migration_limit,
             self.config.kv_cache_block_size,
             router_factory,
+            decode_fallback=self.config.decode_fallback,
         )
         self._source = source
         self._watch_task: asyncio.Task[None] | None = None

@@ -38,6 +38,7 @@ DISCOVERY_CHOICES = ("etcd", "file", "mem")
 REQUEST_PLANE_CHOICES = ("tcp", "nats")
 EVENT_PLANE_CHOICES = ("zmq", "nats")
 DISAGGREGATION_CHOICES = ("null", "prefill", "decode")
+NATIVE_TRANSFER_BACKENDS = ("tcp", "shm")
 ENDPOINT_TYPE_CHOICES = {"chat": ModelType.CHAT, "completions": ModelType.COMPLETIONS}
 DEFAULT_NAMESPACE = "dynamo"
 TRUE_STRINGS = frozenset({"true", "1", "yes", "on"})
@@ -77,7 +78,11 @@ class SglangServerConfig:
     chat_template: str | None = None
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998
-    disaggregation_transfer_backend: str = "mooncake"
+    # None: the engine's default (tcp for native, mooncake for sglang).
+    disaggregation_transfer_backend: str | None = None
+    disaggregation_bootstrap_timeout: float = 300.0
+    # Where the prefill engine's bootstrap server listens (SGLang binds it on --host).
+    host: str = "127.0.0.1"
     stream_interval: int = 1
     disable_radix_cache: bool = False
     trust_remote_code: bool = False
@@ -290,6 +295,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -334,7 +346,15 @@ def build_sglang_parser(prog: str = "python -m armature.sglang") -> argparse.Arg
     p.add_argument("--chat-template", default=None)
     p.add_argument("--disaggregation-mode", default="null", choices=DISAGGREGATION_CHOICES)
     p.add_argument("--disaggregation-bootstrap-port", type=int, default=None)
-    p.add_argument("--disaggregation-transfer-backend", default="mooncake")
+    p.add_argument("--disaggregation-transfer-backend", default=None,
+                   help="KV transfer: tcp (across hosts) or shm (one host) for the native engine; "
+                        "mooncake/nixl for sglang. Default tcp (native), mooncake (sglang)")
+    p.add_argument("--disaggregation-bootstrap-timeout", type=_positive_float,
+                   default=float(os.environ.get("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", 300)),
+                   help="seconds a prefill room waits for its decode side (and a decode side for the "
+                        "bootstrap server) before both let go (env SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the prefill worker's bootstrap server binds (0.0.0.0 for other hosts)")
     p.add_argument("--stream-interval", type=_positive_int, default=1)
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -504,11 +524,21 @@ def _validate(dynamo: DynamoConfig, server: SglangServerConfig, engine: str) -> 
         )
     if engine != "sglang" and server.dp_size != 1:
         raise ConfigError(f"--dp-size {server.dp_size}: the {engine} engine supports only --dp-size 1")
-    if engine != "sglang" and server.disaggregation_mode != "null":
+    if engine == "mocker" and server.disaggregation_mode != "null":
         raise ConfigError(
-            f"--disaggregation-mode {server.disaggregation_mode} is not supported by the {engine} engine yet "
-            "(it needs KV transfer between workers); run aggregated workers"
+            f"--disaggregation-mode {server.disaggregation_mode} is not supported by the mocker engine "
+            "(it has no KV to transfer); use --engine native"
         )
+    if engine == "native":
+        backend = server.disaggregation_transfer_backend or NATIVE_TRANSFER_BACKENDS[0]
+        if backend not in NATIVE_TRANSFER_BACKENDS:
+            raise ConfigError(
+                f"--disaggregation-transfer-backend {backend}: the native engine transfers KV over "
+                f"{' or '.join(NATIVE_TRANSFER_BACKENDS)} (tcp across hosts, shm between processes of one host)"
+            )
+        server.disaggregation_transfer_backend = backend
+    elif server.disaggregation_transfer_backend is None:
+        server.disaggregation_transfer_backend = "mooncake"
     _validate_kv_events_config(server.kv_events_config)
 
 

@@ -12,10 +12,13 @@ import itertools
 import json
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from armature.engine.api import Engine
 from armature.sglang.args import ConfigError, SglangServerConfig, WorkerConfig
+
+if TYPE_CHECKING:
+    from armature.engine.disagg import DisaggConfig
 
 _ipc_counter = itertools.count()
 _IPC_PREFIX = "armature-kv-"
@@ -79,7 +82,24 @@ def _create_native(config: WorkerConfig) -> Engine:
         args = ServerArgs.from_kwargs(**native_server_args(config))
     except ServerArgsError as exc:
         raise ConfigError(str(exc)) from exc
-    return NativeEngine(args)
+    return NativeEngine(args, disaggregation=native_disagg_config(config))
+
+
+def native_disagg_config(config: WorkerConfig) -> DisaggConfig | None:
+    """The native engine's P/D role from ``--disaggregation-*`` (None for an aggregated worker)."""
+    from armature.engine.disagg import DisaggConfig, DisaggMode, TransferBackend
+
+    s = config.server
+    if s.disaggregation_mode in (None, "null"):
+        return None
+    return DisaggConfig(
+        mode=DisaggMode(s.disaggregation_mode),
+        bootstrap_host=s.host,
+        bootstrap_port=s.disaggregation_bootstrap_port or 0,
+        transfer_backend=TransferBackend(s.disaggregation_transfer_backend or "tcp"),
+        bootstrap_timeout_s=s.disaggregation_bootstrap_timeout,
+        waiting_timeout_s=max(s.disaggregation_bootstrap_timeout, 300.0),
+    )
 
 
 def mocker_kwargs_from_server(s: SglangServerConfig) -> dict[str, Any]:

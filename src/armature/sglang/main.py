@@ -26,7 +26,7 @@ from armature.sglang.engines import create_engine, remove_default_kv_socket
 from armature.sglang.event_sink import WorkerEventSink, create_event_sink
 from armature.sglang.handlers.decode import DecodeWorkerHandler
 from armature.sglang.handlers.kv_query import QUERY_ENDPOINT, SNAPSHOT_ENDPOINT, KvQueryHandler
-from armature.sglang.handlers.prefill import PrefillWorkerHandler
+from armature.sglang.handlers.prefill import PrefillWorkerHandler, warm_up
 from armature.sglang.health_check import decode_payload
 from armature.sglang.logs import configure_logging
 from armature.sglang.publisher import KV_EVENTS_TOPIC, LOAD_TOPIC, WorkerPublisher
@@ -137,7 +137,8 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
         handler = PrefillWorkerHandler(engine, ready, asyncio.Event())
     else:
         handler = DecodeWorkerHandler(engine, ready, asyncio.Event())
-        handler.require_bootstrap = config.serving_mode is ServingMode.DECODE
+        # SGLang's decode mode cannot prefill; the native engine serves such requests aggregated.
+        handler.require_bootstrap = config.serving_mode is ServingMode.DECODE and config.engine == "sglang"
     register_engine_routes(runtime, engine, endpoint)
     events = await create_event_sink(runtime, config.endpoint)
     await events.open([KV_EVENTS_TOPIC, LOAD_TOPIC])
@@ -161,6 +162,8 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
             request_type=PreprocessedRequest,
         )
         await serve_kv_queries(runtime, config, publisher)
+        if config.serving_mode is ServingMode.PREFILL:
+            await warm_up(engine)
         await register_with_readiness_gate(lambda: endpoint.register_model(card), ready, engine)
     except BaseException:
         await publisher.close()

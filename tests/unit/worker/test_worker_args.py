@@ -217,10 +217,18 @@ def test_help_lists_both_groups(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--discovery-backend" in text and "DYN_DISCOVERY_BACKEND" in text and "--page-size" in text
 
 
-def test_disaggregation_needs_the_sglang_engine(model_dir: str) -> None:
-    for engine in ("native", "mocker"):
-        with pytest.raises(ConfigError, match="not supported by the .* engine"):
-            parse_args(["--model-path", model_dir, "--engine", engine, "--disaggregation-mode", "decode"])
+def test_disaggregation_on_the_native_engine(model_dir: str) -> None:
+    with pytest.raises(ConfigError, match="not supported by the mocker engine"):
+        parse_args(["--model-path", model_dir, "--engine", "mocker", "--disaggregation-mode", "decode"])
+    base = ["--model-path", model_dir, "--engine", "native"]
+    cfg = parse_args([*base, "--disaggregation-mode", "prefill"])
+    assert cfg.server.disaggregation_transfer_backend == "tcp"
+    assert cfg.endpoint.component == "prefill" and 0 < cfg.server.disaggregation_bootstrap_port < 65536
+    cfg = parse_args([*base, "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "shm",
+                      "--disaggregation-bootstrap-timeout", "7.5"])
+    assert cfg.server.disaggregation_transfer_backend == "shm" and cfg.server.disaggregation_bootstrap_timeout == 7.5
+    with pytest.raises(ConfigError, match="tcp or shm"):
+        parse_args([*base, "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "nixl"])
 
 
 def test_log_level_from_dyn_log(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from armature.engine.disagg.bootstrap import BootstrapServer
@@ -48,7 +49,7 @@ class DisaggLink:
             hooks.fail = server.fail_threadsafe
             sched.prefill_hooks = hooks
             self.server = server
-            engine.info.bootstrap_host = server.host
+            engine.info.bootstrap_host = advertised_host(server.host)
             engine.info.bootstrap_port = server.port
         else:
 
@@ -71,3 +72,13 @@ class DisaggLink:
         if self.puller is not None:
             self.puller.close()
 
+
+
+def advertised_host(bind_host: str) -> str:
+    """The address decode workers should dial: the bind address, or this host's for a wildcard."""
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -15,6 +15,7 @@ from armature.engine.api import (
     InvalidRequestError,
     SamplingParams,
 )
+from armature.engine.disagg.scheduler import is_transfer_error
 from armature.protocols.llm import (
     CompletionUsage,
     FinishReason,
@@ -119,9 +120,14 @@ def to_engine_output(out: GenerateOutput, request: PreprocessedRequest) -> LLMEn
 
 
 class DecodeWorkerHandler(BaseWorkerHandler):
-    """Serves ``{ns}.backend.generate`` for aggregated and disaggregated-decode workers."""
+    """Serves ``{ns}.backend.generate`` for aggregated and disaggregated-decode workers.
 
-    # A disaggregated decode worker only continues requests a prefill worker started.
+    A disaggregated decode worker continues requests whose ``bootstrap_info`` names the prefill
+    worker holding their KV; one without it is served aggregated (the frontend's
+    ``--decode-fallback`` when no prefill worker is left) — except on the sglang engine, whose
+    decode mode cannot prefill, so there such a request is refused.
+    """
+
     require_bootstrap = False
 
     async def generate(self, request: PreprocessedRequest, context: Context) -> AsyncIterator[LLMEngineOutput]:
@@ -149,6 +155,10 @@ class DecodeWorkerHandler(BaseWorkerHandler):
                             raise EngineShutdown("engine was shut down during token generation")
                         if context.is_killed():
                             return
+                        if out.finish_reason is EngineFinishReason.ERROR and is_transfer_error(out.error):
+                            # The prefill worker (or the way to it) failed before any token: the
+                            # frontend may run the request again with another prefill worker.
+                            raise RequestPlaneError(ErrorKind.HANDLER_ERROR, out.error or "", migratable=True)
                         if not out.token_ids and not out.finished and out.input_logprobs is None:
                             continue
                         yield to_engine_output(out, request)

@@ -12,12 +12,40 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 
-from armature.engine.api import EngineFinishReason, InvalidRequestError
+from armature.engine.api import (
+    Engine,
+    EngineError,
+    EngineFinishReason,
+    GenerateRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
 from armature.protocols.llm import BootstrapInfo, LLMEngineOutput, PreprocessedRequest
 from armature.runtime.context import Context
 from armature.runtime.request_plane.base import EngineShutdown, ErrorKind, RequestPlaneError
 from armature.sglang.handlers.base import BaseWorkerHandler
 from armature.sglang.handlers.decode import to_generate_request
+
+
+WARMUP_PROMPT_TOKENS = 16
+
+
+async def warm_up(engine: Engine) -> None:
+    """One short greedy request through the engine before the worker registers (as SGLang's
+    prefill server does), so the first real prompt does not pay for first-call setup."""
+    info = engine.info
+    token = info.bos_token_id if info.bos_token_id is not None else 0
+    req = GenerateRequest(
+        rid=f"warmup-{uuid.uuid4().hex[:8]}",
+        input_ids=[token] * min(WARMUP_PROMPT_TOKENS, max(1, info.context_length - 2)),
+        sampling=SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
+    )
+    last = None
+    async with contextlib.aclosing(engine.generate_stream(req)) as stream:
+        async for out in stream:
+            last = out
+    if last is None or last.finish_reason is EngineFinishReason.ERROR:
+        raise EngineError(f"the warm-up request failed: {last.error if last else 'no output'}")
 
 
 class PrefillWorkerHandler(BaseWorkerHandler):
@@ -42,8 +70,9 @@ class PrefillWorkerHandler(BaseWorkerHandler):
         try:
             greq = to_generate_request(request, rid, self.engine.info)
             # Prefill computes the prompt and one token; the decode worker continues from there.
+            # min_new_tokens stays: it keeps a stop token from being that first token, as in
+            # aggregated serving.
             greq.sampling.max_new_tokens = 1
-            greq.sampling.min_new_tokens = 0
             greq.bootstrap = boot
             greq.sampling.validate()
         except InvalidRequestError as exc:
