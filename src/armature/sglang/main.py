@@ -22,6 +22,7 @@ from armature.router.kv.messages import EventRangeQuery
 from armature.runtime.runtime import DistributedRuntime, Endpoint, RuntimeSettings
 from armature.sglang.args import ConfigError, ServingMode, WorkerConfig, parse_args
 from armature.sglang.config_dump import dump_config
+from armature.sglang.disagg_metrics import register_disagg_metrics
 from armature.sglang.engines import create_engine, remove_default_kv_socket
 from armature.sglang.event_sink import WorkerEventSink, create_event_sink
 from armature.sglang.handlers.decode import DecodeWorkerHandler
@@ -151,6 +152,9 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
         component=config.endpoint.component,
     )
     publisher.start()
+    register_disagg_metrics(
+        runtime.metrics.registry, engine, config.serving_mode.value, config.server.disaggregation_transfer_backend or ""
+    )
     worker = RunningWorker(config, engine, endpoint, handler, publisher, events)
     try:
         card = build_model_card(config, engine.info)

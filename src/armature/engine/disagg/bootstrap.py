@@ -116,7 +116,9 @@ class BootstrapServer:
 
     @property
     def open_rooms(self) -> int:
-        return len(self._rooms)
+        """Rooms holding or awaiting something; failed rooms kept only to answer a late decode
+        side at once (they hold nothing) are not counted."""
+        return sum(1 for r in list(self._rooms.values()) if r.failed is None)
 
     # --- room state (loop thread) ------------------------------------------------------------
 
