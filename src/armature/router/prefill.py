@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # A prefill worker whose request failed to connect is skipped this long (its discovery entry
 # lingers until its lease expires); long enough to cover a lease, short enough to forgive.
 SUSPECT_S = 15.0
+# What a decode worker's error says when the KV did not arrive (engine/disagg/scheduler.py).
+TRANSFER_FAILED = "KV transfer failed"
 
 
 def is_prefill_card(card: ModelCard) -> bool:
@@ -89,6 +91,11 @@ class PrefillPool:
     def instance_ids(self) -> list[int]:
         live = set(self.router.instance_ids()) if self.router is not None else set()
         return sorted(i for i in self._bootstrap if i in live)
+
+    def available_ids(self) -> list[int]:
+        """Live prefill workers that have not failed a request lately."""
+        suspect = self._excluded()
+        return [i for i in self.instance_ids() if i not in suspect]
 
     def _excluded(self) -> set[int]:
         now = time.monotonic()
@@ -156,15 +163,14 @@ class DisaggRouter:
         pool = self.prefill
         if not pool.activated:
             return await self.decode.generate(request, context, target=target, exclude=exclude)
-        if not pool.instance_ids():
-            if self.decode_fallback:
-                log.warning("model %r: no prefill worker; serving aggregated on a decode worker", pool.model)
-                return await self.decode.generate(request, context, target=target, exclude=exclude)
-        prefill_id, boot = pool.choose(request)
         # After a failed transfer the decode worker is rarely the culprit: with every decode
         # worker excluded, try them again rather than fail the migration outright.
         live = set(self.decode.instance_ids())
         decode_exclude = exclude if live - set(exclude) else ()
+        if self.decode_fallback and not pool.available_ids():
+            log.warning("model %r: no prefill worker available; serving aggregated on a decode worker", pool.model)
+            return await self.decode.generate(request, context, target=target, exclude=decode_exclude)
+        prefill_id, boot = pool.choose(request)
         prefill_ctx = context.child()
         prefill_req = msgspec.structs.replace(
             request,
@@ -180,7 +186,7 @@ class DisaggRouter:
         except BaseException:
             prefill_ctx.kill()
             raise
-        return iid, self._follow(stream, task, prefill_ctx)
+        return iid, self._follow(stream, task, prefill_ctx, prefill_id)
 
     async def _run_prefill(self, instance_id: int, request: PreprocessedRequest, context: Context) -> None:
         assert self.prefill.client is not None
@@ -204,11 +210,17 @@ class DisaggRouter:
             context.detach()
 
     async def _follow(
-        self, stream: AsyncIterator[Any], prefill: asyncio.Task[None], prefill_ctx: Context
+        self, stream: AsyncIterator[Any], prefill: asyncio.Task[None], prefill_ctx: Context, prefill_id: int
     ) -> AsyncIterator[Any]:
         try:
             async for item in stream:
                 yield item
+        except RequestPlaneError as exc:
+            if exc.migratable and TRANSFER_FAILED in exc.message:
+                # The KV never arrived: skip that prefill worker for a while, so a migration (or
+                # the decode fallback) does not walk into the same failure.
+                self.prefill.suspect(prefill_id)
+            raise
         finally:
             if not prefill.done():
                 # The decode request ended (or was dropped) first: nobody needs that prefill.
