@@ -37,9 +37,11 @@ def prefill_engine(model: Path, timeout_s: float = 30.0) -> NativeEngine:
     return NativeEngine(model_path=str(model), disaggregation=cfg, **ENGINE_KW)  # type: ignore[arg-type]
 
 
-def decode_engine(model: Path, backend: TransferBackend, timeout_s: float = 30.0) -> NativeEngine:
+def decode_engine(
+    model: Path, backend: TransferBackend, timeout_s: float = 30.0, waiting_s: float = 30.0
+) -> NativeEngine:
     cfg = DisaggConfig(mode=DisaggMode.DECODE, transfer_backend=backend, bootstrap_timeout_s=timeout_s,
-                       waiting_timeout_s=timeout_s)
+                       waiting_timeout_s=waiting_s)
     return NativeEngine(model_path=str(model), disaggregation=cfg, **ENGINE_KW)  # type: ignore[arg-type]
 
 
