@@ -254,9 +254,11 @@ async def bench(args: argparse.Namespace) -> int:
                 seed += 1
                 r = await phase(args, c, mode, seed)
                 results.append(r)
+                ttft = r["ttft_ms"] or {}  # type: ignore[assignment]
+                p50, p90 = ttft.get("p50") or float("nan"), ttft.get("p90") or float("nan")  # type: ignore[union-attr]
                 print(
                     f"round {rnd} {c.name:<9} {mode:<12} {r['ok']}/{r['requests']} ok  "
-                    f"TTFT p50 {r['ttft_ms']['p50']:7.1f} ms  p90 {r['ttft_ms']['p90']:7.1f} ms  "  # type: ignore[index]
+                    f"TTFT p50 {p50:7.1f} ms  p90 {p90:7.1f} ms  "
                     f"{r['request_throughput']:6.1f} req/s  cached {r['cached_token_share']}  "
                     f"load {r['loadavg_1m'][0]:.1f}->{r['loadavg_1m'][1]:.1f}"  # type: ignore[index]
                     + (f"  errors {r['error_samples']}" if r["error_samples"] else ""),

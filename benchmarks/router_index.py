@@ -214,16 +214,20 @@ def main() -> None:
     clock = time.perf_counter_ns
     hash_us: list[float] = []
     match_us: list[float] = []
+    select_us: list[float] = []
     sample: list[list[int]] = []
     for i in range(1000):
         toks = make_query(i)[1]
         t0 = clock()
         lh = compute_local_block_hashes(toks, bs)
         t1 = clock()
-        index.find_matches(lh, frequencies=False)
+        index.match_levels(lh)  # what best_worker walks
         t2 = clock()
+        router._select_all(lh, len(toks), 1.0, 0.0)  # walk + cost + choice, as best_worker runs it
+        t3 = clock()
         hash_us.append((t1 - t0) / 1000)
         match_us.append((t2 - t1) / 1000)
+        select_us.append((t3 - t2) / 1000)
         if i < args.baseline_queries:
             sample.append(toks)
 
@@ -278,17 +282,22 @@ def main() -> None:
     p50, p99 = pct(q_only["all"], 0.5), pct(q_only["all"], 0.99)
     bp50, bp99 = pct(booked["all"], 0.5), pct(booked["all"], 0.99)
     naive_p50, ours_p50 = statistics.median(naive_us), statistics.median(ours_us)
+    # On a shared machine the wall clock also counts time the thread was preempted; CPU time of
+    # the thread is the decision's own cost there (both are reported).
+    cpu_p99 = pct(cpu_us[False], 0.99)
     rows = [
         ("routing decision p50 (hash+match+choose)", f"{p50:.1f} us"),
-        ("routing decision p99 (hash+match+choose)", f"{p99:.1f} us  (bar <= 200 us: {'PASS' if p99 <= 200 else 'FAIL'})"),
-        ("  same, CPU time of the thread p50 / p99", f"{pct(cpu_us[False], .5):.1f} / {pct(cpu_us[False], .99):.1f} us"),
+        ("routing decision p99 (hash+match+choose), wall", f"{p99:.1f} us  (bar <= 200 us: {'PASS' if p99 <= 200 else 'FAIL'})"),
+        ("  same, CPU time of the thread p50 / p99", f"{pct(cpu_us[False], .5):.1f} / {cpu_p99:.1f} us  "
+         f"(bar <= 200 us on CPU time: {'PASS' if cpu_p99 <= 200 else 'FAIL'})"),
         ("decision + booking p50 / p99", f"{bp50:.1f} / {bp99:.1f} us"),
         ("  same, CPU time of the thread p50 / p99", f"{pct(cpu_us[True], .5):.1f} / {pct(cpu_us[True], .99):.1f} us"),
         *[(f"  p50 / p99, {k} queries", f"{pct(v, .5):.1f} / {pct(v, .99):.1f} us") for k, v in q_only.items() if k != "all"],
         *[(f"  GC gen{g} pauses during decisions: n / max", f"{len(v)} / {max(v, default=0):.0f} us")
           for g, v in gc_pauses.items()],
         ("  phase p50 / p99: hashing (protocols.hashing)", f"{pct(hash_us, .5):.1f} / {pct(hash_us, .99):.1f} us"),
-        ("  phase p50 / p99: find_matches", f"{pct(match_us, .5):.1f} / {pct(match_us, .99):.1f} us"),
+        ("  phase p50 / p99: index walk (match_levels)", f"{pct(match_us, .5):.1f} / {pct(match_us, .99):.1f} us"),
+        ("  phase p50 / p99: walk + cost + choice", f"{pct(select_us, .5):.1f} / {pct(select_us, .99):.1f} us"),
         ("naive per-worker-set router p50 (baseline)", f"{naive_p50:.1f} us"),
         ("speedup vs naive (p50, same queries)", f"{naive_p50 / ours_p50:.1f}x"),
         ("event ingestion (stores)", f"{ingest_rate:,.0f} blocks/s  (bar >= 100k: {'PASS' if ingest_rate >= 100_000 else 'FAIL'})"),
@@ -323,7 +332,8 @@ def main() -> None:
                          for g, v in gc_pauses.items()},
         "phase_us": {
             "hashing": {"p50": pct(hash_us, .5), "p99": pct(hash_us, .99)},
-            "find_matches": {"p50": pct(match_us, .5), "p99": pct(match_us, .99)},
+            "match_levels": {"p50": pct(match_us, .5), "p99": pct(match_us, .99)},
+            "walk_cost_choice": {"p50": pct(select_us, .5), "p99": pct(select_us, .99)},
         },
         "baseline_naive_p50_us": naive_p50,
         "ours_p50_us_same_queries": ours_p50,
@@ -333,7 +343,8 @@ def main() -> None:
         "index_rss_bytes": index_bytes,
         "bytes_per_distinct_block": index_bytes / distinct_blocks,
         "bytes_per_entry": index_bytes / entries,
-        "bars": {"p99_le_200us": p99 <= 200, "ingest_ge_100k_blocks_per_s": ingest_rate >= 100_000},
+        "bars": {"p99_le_200us_wall": p99 <= 200, "p99_le_200us_cpu": cpu_p99 <= 200,
+                 "ingest_ge_100k_blocks_per_s": ingest_rate >= 100_000},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

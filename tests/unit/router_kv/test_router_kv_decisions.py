@@ -154,3 +154,33 @@ async def test_precomputed_block_hashes_give_the_same_decision() -> None:
     assert router.best_worker(req, block_hashes=hashes) == router.best_worker(req)
     with pytest.raises(ValueError):
         router.best_worker(req, block_hashes=hashes[:-1])
+
+
+async def test_decision_is_the_cheapest_candidate_under_churn() -> None:
+    """Many workers (more than one 64-bit mask word), caches, bookings and releases: every
+    decision's cost is the minimum of every candidate's cost as ``potential_loads`` reports it."""
+    rng = random.Random(7)
+    router = KvRouter(block_size=BS, rng=random.Random(1))
+    workers = [SimWorker(0x100 + i) for i in range(70)]
+    for w in workers:
+        await router.add_worker(w.worker_id)
+    prompts = [tokens(*[f"{g}{i}" for i in range(6)]) for g in "abcdefgh"]
+    live: list[str] = []
+    for step in range(300):
+        toks = rng.choice(prompts)[: BS * rng.randrange(1, 7)] + tokens(f"x{step}", tail=rng.randrange(BS))
+        if rng.random() < 0.4:
+            for ev in rng.choice(workers).store(toks):
+                await router.on_event(ev)
+        costs = router.potential_loads(toks)
+        cheapest = min(c.logit for c in costs)
+        d = router.best_worker(toks, request_id=f"r{step}")
+        chosen = next(c for c in costs if c.worker_id == d.worker_id)
+        assert chosen.logit == pytest.approx(cheapest)
+        assert d.overlap_blocks == chosen.overlap_blocks
+        ties = [c for c in costs if c.logit == pytest.approx(cheapest)]
+        assert chosen.tree_size == min(c.tree_size for c in ties)
+        live.append(f"r{step}")
+        if rng.random() < 0.3:
+            router.mark_prefill_completed(rng.choice(live))
+        if len(live) > 20:
+            router.free(live.pop(rng.randrange(len(live))))

@@ -104,11 +104,21 @@ class ActiveSequences:
     def already_active(self, local_hashes: Sequence[int]) -> dict[WorkerKey, int]:
         """For each slot, how many leading blocks of the request are already active there."""
         out: dict[WorkerKey, int] = {}
-        if not self.assume_kv_reuse or not self.track_active_blocks:
-            return out
+        key_of = self._slots.key_of
+        for slots, depth in self.active_levels(local_hashes):
+            while slots:
+                low = slots & -slots
+                out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                slots ^= low
+        return out
+
+    def active_levels(self, local_hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """``already_active`` as ``[(slot mask, depth)]``: no per-slot work (see ``slot_of``)."""
+        levels: list[tuple[int, int]] = []
+        if not self.assume_kv_reuse or not self.track_active_blocks or self._kids[_ROOT] is None:
+            return levels
         if type(local_hashes) is not list:
             local_hashes = list(local_hashes)
-        key_of = self._slots.key_of
         kids, runs, mask = self._kids, self._run, self._mask
         n = len(local_hashes)
         nid = _ROOT
@@ -124,13 +134,9 @@ class ActiveSequences:
             m = mask[child] & cur
             if m != cur:
                 if depth:
-                    dropped = cur & ~m
-                    while dropped:
-                        low = dropped & -dropped
-                        out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                        dropped ^= low
+                    levels.append((cur & ~m, depth))
                 if not m:
-                    return out
+                    return levels
                 cur = m
             run = runs[child]
             size = len(run)
@@ -144,12 +150,21 @@ class ActiveSequences:
                     depth += _common_prefix(segment, run)
                     break
             nid = child
-        if depth:
-            while cur:
-                low = cur & -cur
-                out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                cur ^= low
-        return out
+        if depth and cur > 0:
+            levels.append((cur, depth))
+        return levels
+
+    def slot_of(self, key: WorkerKey) -> int | None:
+        """The bit of ``key`` in ``active_levels`` masks."""
+        return self._slots.get(key)
+
+    @property
+    def slots_version(self) -> int:
+        return self._slots.version
+
+    @property
+    def slot_capacity(self) -> int:
+        return self._slots.capacity
 
     def new_prefill_tokens(self, isl: int, overlap_blocks: int) -> int:
         return max(isl - overlap_blocks * self.block_size, 0)

@@ -35,6 +35,8 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from operator import itemgetter, ne
 
+import numpy as np
+
 from armature.protocols.kv_events import (
     KvCacheEvent,
     KvCleared,
@@ -127,6 +129,9 @@ class KvIndexer:
         # Per slot: engine block hash -> ref (node | generation << 32 | offset << 64).
         self._lookup: list[dict[int, int]] = []
         self._tree_sizes: dict[WorkerKey, int] = {}
+        # The same sizes by slot, for vector tie-breaks; longer than any mask's byte width and
+        # zero past the live slots, so a "no slot" index (capacity rounded up to bytes) reads 0.
+        self.slot_sizes = np.zeros(17, dtype=np.int64)
         self._logs: dict[int, _WorkerLog] = {}
         self._nodes = 0  # live nodes, the root excluded
         self._blocks = 0  # distinct blocks in live nodes
@@ -183,10 +188,25 @@ class KvIndexer:
         return OverlapScores(scores, freqs, dict(self._tree_sizes))
 
     def _match(self, local_hashes: Sequence[int]) -> dict[WorkerKey, int]:
-        """The routing hot path: ``find_matches`` scores without frequencies or early exit."""
-        hashes = local_hashes if type(local_hashes) is list else list(local_hashes)
+        """``find_matches`` scores without frequencies or early exit."""
         scores: dict[WorkerKey, int] = {}
         key_of = self._slots.key_of
+        for slots, depth in self.match_levels(local_hashes):
+            while slots:
+                low = slots & -slots
+                scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
+                slots ^= low
+        return scores
+
+    def match_levels(self, local_hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """The routing hot path: ``[(slot mask, depth)]``, the slots whose match ends at each depth.
+
+        Masks are disjoint and depths ascending; slots that match nothing are in no mask. A
+        slot's overlap is the depth of the level holding its bit (``slot_of`` maps keys to
+        bits). No per-slot work: a decision over many workers costs a few levels, not a loop.
+        """
+        hashes = local_hashes if type(local_hashes) is list else list(local_hashes)
+        levels: list[tuple[int, int]] = []
         kids, runs, mask = self._kids, self._run, self._mask
         n = len(hashes)
         nid = _ROOT
@@ -202,13 +222,9 @@ class KvIndexer:
             m = mask[child] & cur
             if m != cur:
                 if depth:
-                    dropped = cur & ~m
-                    while dropped:
-                        low = dropped & -dropped
-                        scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                        dropped ^= low
+                    levels.append((cur & ~m, depth))
                 if not m:
-                    return scores
+                    return levels
                 cur = m
             run = runs[child]
             size = len(run)
@@ -222,12 +238,22 @@ class KvIndexer:
                     depth += _common_prefix(segment, run)
                     break
             nid = child
-        if depth:
-            while cur:
-                low = cur & -cur
-                scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                cur ^= low
-        return scores
+        if depth and cur > 0:
+            levels.append((cur, depth))
+        return levels
+
+    def slot_of(self, key: WorkerKey) -> int | None:
+        """The bit of ``key`` in ``match_levels`` masks (None: it holds nothing)."""
+        return self._slots.get(key)
+
+    @property
+    def slots_version(self) -> int:
+        """Changes whenever a key gains or loses its slot (cached slot maps are then stale)."""
+        return self._slots.version
+
+    @property
+    def slot_capacity(self) -> int:
+        return self._slots.capacity
 
     def tree_sizes(self) -> dict[WorkerKey, int]:
         return dict(self._tree_sizes)
@@ -382,6 +408,7 @@ class KvIndexer:
             self._lookup[slot] = {}
             self._slots.release(key)
             self._tree_sizes.pop(key, None)
+            self.slot_sizes[slot] = 0
         self._logs.pop(worker_id, None)
 
     # ------------------------------------------------------------------ dumps
@@ -447,13 +474,22 @@ class KvIndexer:
         slot = self._slots.acquire(key)
         while len(self._lookup) <= slot:
             self._lookup.append({})
+        if len(self.slot_sizes) <= (slot | 7) + 1:
+            grown = np.zeros(2 * ((slot | 7) + 1) + 1, dtype=np.int64)
+            grown[: len(self.slot_sizes)] = self.slot_sizes
+            self.slot_sizes = grown
         if key not in self._tree_sizes:
             self._tree_sizes[key] = 0
+            self.slot_sizes[slot] = 0
             log = self._logs.get(key[0])
             if log is None:
                 log = self._logs[key[0]] = _WorkerLog()
             log.dp_ranks.add(key[1])
         return slot
+
+    def _add_size(self, key: WorkerKey, delta: int) -> None:
+        n = self._tree_sizes[key] = self._tree_sizes[key] + delta
+        self.slot_sizes[self._slots.get(key)] = n  # type: ignore[index]
 
     def _apply(self, worker_id: int, event: KvCacheEvent) -> None:
         key = (worker_id, event.dp_rank)
@@ -604,7 +640,7 @@ class KvIndexer:
                     stale.append((eh, old))
             i += k
             node, off = target, start + k - 1
-        self._tree_sizes[key] += added
+        self._add_size(key, added)
         self.stats.blocks_stored += added
         for eh, old in stale:
             # Re-storing a block is a no-op; an engine hash that now names a *different* block
@@ -613,7 +649,7 @@ class KvIndexer:
             if pos is None or not mask[pos[0]] & bit or pos == self._resolve(lookup[eh]):
                 continue
             self._remove_block(bit, *pos)
-            self._tree_sizes[key] -= 1
+            self._add_size(key, -1)
 
     def _remove(self, key: WorkerKey, block_hashes: Iterable[int]) -> None:
         slot = self._slots.get(key)
@@ -639,7 +675,7 @@ class KvIndexer:
                 self._blocks -= 1
                 continue
             self._remove_block(bit, nid, off)
-        self._tree_sizes[key] -= removed
+        self._add_size(key, -removed)
         self.stats.blocks_removed += removed
 
     def _remove_block(self, bit: int, nid: int, off: int) -> None:
@@ -688,7 +724,7 @@ class KvIndexer:
         for nid in nodes:
             if self._parent[nid] != -1 and not mask[nid] and kids[nid] is None:
                 self._prune(nid)
-        self._tree_sizes[key] -= removed
+        self._add_size(key, -removed)
         self.stats.blocks_removed += removed
 
     def _clear_worker(self, worker_id: int) -> None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from dataclasses import dataclass
+
+import numpy as np
 
 from armature.router.kv.slots import WorkerKey
 
@@ -143,9 +145,37 @@ class KvScheduler:
         logit = base[key] + const
         ov = overlaps.get(key, 0)
         if logger.isEnabledFor(logging.DEBUG):
-            self._log(candidates, shape, overlaps, tree_sizes, active_prefill, active_blocks,
+            self.log_costs(candidates, shape, overlaps, tree_sizes, active_prefill, active_blocks,
                       already_active, overlap_score_weight, key)
         return Selection(key[0], key[1], ov, logit, max(isl - ov * bs, 0))
+
+    def pick(
+        self,
+        logits: np.ndarray,
+        const: float,
+        tree_sizes: Callable[[np.ndarray], np.ndarray],
+        temperature: float,
+    ) -> int:
+        """``select`` over a logit vector (``logits + const`` are the costs): the chosen position.
+
+        Same rule: with temperature 0 every minimum is a candidate, then fewest cached blocks
+        (``tree_sizes(positions)``), then uniformly at random; otherwise a softmax sample.
+        """
+        if not len(logits):
+            raise ValueError("no candidate workers")
+        if temperature > 0:
+            return self._sample((logits + const).tolist(), temperature)
+        i = int(logits.argmin())
+        best = float(logits[i])
+        tol = 1e-9 * max(1.0, abs(best + const))
+        near = logits <= best + tol
+        if np.count_nonzero(near) == 1:
+            return i
+        ties = np.flatnonzero(near)
+        if len(ties) > 1:
+            sizes = tree_sizes(ties)
+            ties = ties[sizes == sizes.min()]
+        return int(ties[0]) if len(ties) == 1 else int(ties[self.rng.randrange(len(ties))])
 
     def _sample(self, logits: list[float], temperature: float) -> int:
         lo = min(logits)
@@ -161,7 +191,7 @@ class KvScheduler:
                 return i
         return len(logits) - 1
 
-    def _log(
+    def log_costs(
         self,
         candidates: Sequence[WorkerKey],
         shape: RequestShape,

@@ -28,6 +28,7 @@ from armature.protocols.llm import RoutingHints
 from armature.protocols.load import ActiveLoad
 from armature.router.kv.active_sequences import ActiveSequences
 from armature.router.kv.approx import ApproxKvIndexer
+from armature.router.kv.candidates import CandidateTable
 from armature.router.kv.config import KvRouterConfig
 from armature.router.kv.gap_recovery import GapHandler
 from armature.router.kv.indexer import EventGap, KvIndexer, OverlapScores
@@ -39,7 +40,8 @@ from armature.router.kv.messages import (
     WorkerSnapshot,
 )
 from armature.router.kv.metrics import RouterMetrics
-from armature.router.kv.scheduler import KvScheduler, RequestShape, WorkerCost
+from armature.router.kv.scheduler import KvScheduler, RequestShape, Selection, WorkerCost
+from armature.router.kv.scheduler import logger as logger_kv_scheduler
 from armature.router.kv.slots import WorkerKey
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,9 @@ class KvRouter:
         # Per registered candidate: w * active prefill tokens + active blocks, for the configured
         # weight; kept current on every load change so a decision only copies it.
         self._base_load: dict[WorkerKey, float] = {}
+        # The same loads as an array over ``_candidates``: the common decision (no pinning, no
+        # per-request weight) is then vector arithmetic over all workers.
+        self._table = CandidateTable()
 
     # ------------------------------------------------------------------ workers
 
@@ -398,26 +403,23 @@ class KvRouter:
         if not candidates:
             raise NoWorkersError("no workers registered with the KV router")
 
-        scores = self._match(local, weight)
-        t2 = _ns()
         active = self.active
-        base = (
-            dict(self._base_load)
-            if candidates is self._candidates and weight == self.config.overlap_score_weight
-            else None
-        )
-        sel = self.scheduler.select(
-            candidates,
-            RequestShape(isl, active.request_blocks(isl)),
-            scores.scores,
-            scores.tree_sizes,
-            active.prefill_tokens,
-            active.active_blocks,
-            active.already_active(local),
-            weight,
-            temperature,
-            base,
-        )
+        if candidates is self._candidates and weight == self.config.overlap_score_weight:
+            sel, t2 = self._select_all(local, isl, weight, temperature)
+        else:
+            scores = self._match(local, weight)
+            t2 = _ns()
+            sel = self.scheduler.select(
+                candidates,
+                RequestShape(isl, active.request_blocks(isl)),
+                scores.scores,
+                scores.tree_sizes,
+                active.prefill_tokens,
+                active.active_blocks,
+                active.already_active(local),
+                weight,
+                temperature,
+            )
         t3 = _ns()
         key = (sel.worker_id, sel.dp_rank)
         if request_id is not None:
@@ -434,6 +436,39 @@ class KvRouter:
             m.overhead_scheduling_ms.observe((t3 - t2) / 1e6)
             m.overhead_total_ms.observe((t4 - t0) / 1e6)
         return decision
+
+    def _select_all(
+        self, local: Sequence[int], isl: int, weight: float, temperature: float
+    ) -> tuple[Selection, int]:
+        """Every registered candidate at the configured weight, as vectors (``KvScheduler.select``'s
+        rule and result); also returns the time the index walk ended."""
+        if self.approx is not None:
+            self.approx.expire()
+        index = self._index
+        table = self._table
+        levels = index.match_levels(local) if weight else []
+        t2 = _ns()
+        overlap = table.spread(levels, index)
+        logits = table.base - weight * overlap if levels else table.base
+        active = self.active
+        shared = active.active_levels(local)
+        if shared:
+            logits = logits - table.spread(shared, active)
+        request_blocks = active.request_blocks(isl)
+        const = weight / self.block_size * isl + request_blocks
+        keys = table.keys
+        i = self.scheduler.pick(
+            logits, const, lambda ties: table.gather(index.slot_sizes, index, ties), temperature
+        )
+        key = keys[i]
+        ov = int(overlap[i])
+        if logger_kv_scheduler.isEnabledFor(logging.DEBUG):
+            scores = index.find_matches(local, frequencies=False)
+            self.scheduler.log_costs(keys, RequestShape(isl, request_blocks), scores.scores, scores.tree_sizes,
+                                active.prefill_tokens, active.active_blocks, active.already_active(local),
+                                weight, key)  # fmt: skip
+        sel = Selection(key[0], key[1], ov, float(logits[i]) + const, max(isl - ov * self.block_size, 0))
+        return sel, t2
 
     def _book(self, request_id: str, key: WorkerKey, local: Sequence[int], isl: int, overlap: int) -> None:
         self.active.add_request(request_id, key, local, isl, overlap)
@@ -504,14 +539,16 @@ class KvRouter:
         w = self.config.overlap_score_weight / self.block_size
         ap, ab = self.active.prefill_tokens, self.active.active_blocks
         self._base_load = {k: w * ap.get(k, 0) + ab.get(k, 0) for k in self._candidates}
+        self._table.reset(self._candidates, self._base_load.__getitem__)
 
     def _load_changed(self, key: WorkerKey) -> None:
         """The load of ``key`` changed: refresh the decision cache and the gauges."""
         if key in self._base_load:
-            self._base_load[key] = (
+            value = self._base_load[key] = (
                 self.config.overlap_score_weight / self.block_size * self.active.prefill_tokens.get(key, 0)
                 + self.active.active_blocks.get(key, 0)
             )
+            self._table.set_base(key, value)
         if self.metrics is not None:
             load = self.active.load_of(key)
             self.metrics.set_worker_load(key[0], key[1], load.active_blocks, load.active_prefill_tokens)

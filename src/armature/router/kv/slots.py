@@ -10,9 +10,11 @@ WorkerKey = tuple[int, int]  # (worker_id, dp_rank)
 
 
 class SlotTable:
-    __slots__ = ("_slot_of", "key_of", "_free")
+    __slots__ = ("_slot_of", "key_of", "_free", "version")
 
     def __init__(self) -> None:
+        # Bumped on every acquire of a new key and every release, so callers can cache slot maps.
+        self.version = 0
         self._slot_of: dict[WorkerKey, int] = {}
         # Indexed by slot; None for a free slot. Read directly on hot paths.
         self.key_of: list[WorkerKey | None] = []
@@ -32,6 +34,7 @@ class SlotTable:
             slot = len(self.key_of)
             self.key_of.append(key)
         self._slot_of[key] = slot
+        self.version += 1
         return slot
 
     def release(self, key: WorkerKey) -> None:
@@ -39,9 +42,15 @@ class SlotTable:
         if slot is None:
             return
         self.key_of[slot] = None
+        self.version += 1
         # Lowest slots first keeps bitmasks small integers (cheaper & and |).
         self._free.append(slot)
         self._free.sort(reverse=True)
+
+    @property
+    def capacity(self) -> int:
+        """One more than the highest slot ever handed out (masks never have a higher bit)."""
+        return len(self.key_of)
 
     def keys(self) -> list[WorkerKey]:
         return list(self._slot_of)
