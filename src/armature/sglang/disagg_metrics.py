@@ -32,7 +32,8 @@ class DisaggCollector(Collector):
                 ("kv_transfers", "KV transfers received", st.transfers),
                 ("kv_transfer_failures", "KV transfers that failed", st.failures),
                 ("kv_transfer_bytes", "KV bytes received", st.bytes),
-                ("kv_transfer_wire_seconds", "Seconds moving KV bytes (socket or shared memory)", st.wire_s),
+                ("kv_transfer_wire_seconds", "Seconds receiving KV bytes (socket) or mapping them (shm)", st.wire_s),
+                ("kv_transfer_copy_seconds", "Seconds copying received KV pages into the pool", st.copy_s),
                 ("kv_transfer_seconds", "Seconds from the prefill side staging KV to the pages being in the pool",
                  st.total_s),
             ):

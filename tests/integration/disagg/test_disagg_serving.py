@@ -52,7 +52,8 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     tmp = tmp_path_factory.mktemp(f"disagg-{request.param}")
     kv = tmp / "kv"
     kv.mkdir()
-    frontend = start_frontend(tmp, kv)
+    # shm runs behind a KV-routing frontend: the prefill worker is then chosen by KV overlap.
+    frontend = start_frontend(tmp, kv, *(["--router-mode", "kv"] if request.param == "shm" else []))
     decode = start_native_worker(tmp, kv, tiny_llama_path, "decode",
                                  "--disaggregation-transfer-backend", request.param)
     procs = [frontend, decode]

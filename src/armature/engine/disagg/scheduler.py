@@ -47,6 +47,7 @@ class TransferStats:
     failures: int = 0
     bytes: int = 0
     wire_s: float = 0.0  # bytes on the wire (tcp) / mapping the segment (shm)
+    copy_s: float = 0.0  # received pages into this pool (on the step loop)
     # From the prefill side starting to stage the KV to the pages being in this pool.
     total_s: float = 0.0
     recent: deque[tuple[int, float, float]] = field(default_factory=lambda: deque(maxlen=4096))
@@ -221,10 +222,12 @@ class DisaggScheduler(Scheduler):
             self._ready.append(self._finish(r))
             return
         ready, kv = result.ready, result.kv
+        began = time.perf_counter()
         try:
             scatter_pages(self.pool, t.pages, kv.data)
         finally:
             kv.release()
+        st.copy_s += time.perf_counter() - began
         st.transfers += 1
         st.bytes += kv.nbytes
         st.wire_s += result.wire_s
