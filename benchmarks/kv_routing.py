@@ -4,19 +4,22 @@ Each system runs 8 mocker workers and two frontends over the same workers (file 
 request plane, ZMQ event plane, loopback only): one with ``--router-mode kv``, one with
 ``round-robin``. Armature's 8 workers are 8 ``python -m armature.mocker`` processes; Dynamo's
 are one ``python -m dynamo.mocker --num-workers 8`` process (its engines are native code, so one
-process does not make it slower). Both mockers get the same engine shape: block size 64, 1,024 KV
-blocks per worker (65,536 tokens: every group prefix fits on every worker, so eviction plays no
-part), ``--speedup-ratio 0.5`` (default): the simulated prefill of a cold 2k-token prompt (~100 ms)
-and of a cached one (~35 ms) dominate over the CPU work of the frontends, the 8 worker processes
-and the client on this 2-core machine, which faster settings saturate (load 10 at speedup 1).
+process does not make it slower). Both mockers get the same engine shape: block size 64, 512 KV
+blocks per worker (32,768 tokens: about 7 of the 16 group prefixes fit on one worker, so a
+worker that sees every group, as under round-robin, keeps evicting, while 2 groups per worker
+fit easily — the situation KV routing exists for), ``--speedup-ratio 0.5``: the simulated prefill
+of a cold 4k-token prompt (~175 ms) and of a cached one (~35 ms) dominate over the CPU work of
+the frontends, the 8 worker processes and the client on this 2-core machine (the whole stack
+uses about 0.4 of a core at ~18 req/s: frontend ~11 ms CPU per request, the 8 mockers ~20 ms
+together; the rest of the machine's load is other users').
 
-Workload (``armature.bench``): synthetic prefix sharing, 16 groups, 2,048-token shared prefix,
+Workload (``armature.bench``): synthetic prefix sharing, 16 groups, 4,096-token shared prefix,
 64-token private suffix, 32 output tokens (ignore_eos), streaming chat, a new connection per
-request, closed loop at concurrency 16. Every phase draws fresh prefixes (its own seed), so no
-phase profits from the caches an earlier one left behind. Phases alternate between systems and
-modes per round, so drifts in the machine's background load hit all alike. A phase is 128
-requests = 8 per group: round-robin prefills each group's prefix on every worker (8 x 16 cold
-prefills), KV routing about once per group.
+request, closed loop at concurrency 32 (4 requests per worker: enough that requests of one group
+run side by side on its worker and share its blocks). Every phase draws fresh prefixes (its own
+seed), so no phase profits from the caches an earlier one left behind. Phases alternate between
+systems and modes per round, so drifts in the machine's background load hit all alike. A phase
+is 256 requests = 16 per group.
 
     .venv/bin/python benchmarks/kv_routing.py                     # needs Dynamo's venv:
     /work/shared/anchors/dynamo-venv.sh /work/dynamo-venv
@@ -294,13 +297,13 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--speedup", type=float, default=0.5)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per mocker worker")
+    p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per mocker worker")
     p.add_argument("--groups", type=int, default=16)
-    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--prefix-len", type=int, default=4096)
     p.add_argument("--suffix-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--requests", type=int, default=128, help="requests per phase")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=256, help="requests per phase")
+    p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--slo-ttft-ms", type=float, default=100.0)
     p.add_argument("--model-path", default=None, help="HF folder with tokenizer + chat template (default: SmolLM2's)")
