@@ -89,6 +89,18 @@ class _AsyncSink:
             pass
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _put_all(items: list[tuple[asyncio.Queue[GenerateOutput], GenerateOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
 class _SyncSink:
     def __init__(self, q: queue.SimpleQueue[GenerateOutput]) -> None:
         self.queue = q
@@ -112,8 +124,19 @@ class ThreadedEngine:
         self._paused = False
         self._stopped = threading.Event()
         self.publisher = KvEventPublisher(kv_events) if kv_events else None
-        self._thread = threading.Thread(target=self._loop, name=f"{name}-step-loop", daemon=True)
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._start_driver()
+
+    def _start_driver(self) -> None:
+        """Start what drives the step loop: a thread of its own, so the model's forward passes
+        never run on the caller's event loop (the mocker, which only sleeps, overrides this)."""
+        self._thread = threading.Thread(target=self._loop, name=f"{self._name}-step-loop", daemon=True)
         self._thread.start()
+
+    def _post(self, cmd: tuple[Any, ...]) -> None:
+        """Hand a command to the step loop (it runs between two steps)."""
+        self._cmds.put(cmd)
 
     # --- the step loop (its own thread) --------------------------------------------------
 
@@ -164,13 +187,19 @@ class ThreadedEngine:
         self._publish_state()
 
     def _step(self) -> None:
+        self._emit(self._run_step())
+
+    def _run_step(self) -> list[GenerateOutput]:
         try:
-            outputs = self.scheduler.step()
+            return self.scheduler.step()
         except Exception as exc:  # a failed forward fails its requests, not the engine
             log.exception("engine step failed")
             outputs = self.scheduler.abort_all(f"engine step failed: {exc!r}")
             for o in outputs:
                 o.finish_reason = EngineFinishReason.ERROR
+            return outputs
+
+    def _emit(self, outputs: list[GenerateOutput]) -> None:
         # Metrics first: a caller who has seen a request finish must not see it still running.
         self._publish_state()
         self._deliver(outputs)
@@ -183,11 +212,36 @@ class ThreadedEngine:
         self._metrics = self.scheduler.load_metrics()
 
     def _deliver(self, outputs: Sequence[GenerateOutput]) -> None:
-        for out in outputs:
-            with self._sinks_lock:
-                sink = self._sinks.pop(out.rid, None) if out.finished else self._sinks.get(out.rid)
-            if sink is not None:
-                sink.put(out)
+        if not outputs:
+            return
+        # One cross-thread wake-up per event loop per step, not one per output: at 64 running
+        # requests the per-token call_soon_threadsafe (a self-pipe write each) dominated.
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[GenerateOutput], GenerateOutput]]] = {}
+        others: list[tuple[OutputSink, GenerateOutput]] = []
+        with self._sinks_lock:
+            sinks = self._sinks
+            for out in outputs:
+                sink = sinks.pop(out.rid, None) if out.finish_reason is not None else sinks.get(out.rid)
+                if sink is None:
+                    continue
+                if type(sink) is _AsyncSink:
+                    batch = per_loop.get(sink.loop)
+                    if batch is None:
+                        batch = per_loop[sink.loop] = []
+                    batch.append((sink.queue, out))
+                else:
+                    others.append((sink, out))
+        here = _running_loop()
+        for loop, items in per_loop.items():
+            if loop is here:  # the step loop runs on this event loop (the mocker): no hand-off
+                _put_all(items)
+                continue
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+                pass
+        for sink, out in others:
+            sink.put(out)
 
     def _drain_on_stop(self) -> None:
         self._deliver(self.scheduler.abort_all("the engine is shutting down"))
@@ -214,7 +268,7 @@ class ThreadedEngine:
         """Run ``fn`` on the step-loop thread between two steps."""
         self._check_alive()
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._cmds.put(("call", fn, fut))
+        self._post(("call", fn, fut))
         return fut
 
     async def _call(self, fn: Callable[[], T]) -> T:
@@ -232,7 +286,7 @@ class ThreadedEngine:
                 sink.put(GenerateOutput(rid=req.rid, finish_reason=EngineFinishReason.ABORT, error="aborted"))
                 return
             self._sinks[req.rid] = sink
-        self._cmds.put(("submit", req))
+        self._post(("submit", req))
 
     # --- the Engine protocol -------------------------------------------------------------
 
@@ -250,7 +304,7 @@ class ThreadedEngine:
         finally:
             if not finished:
                 # The consumer stopped listening (cancelled, or broke out): free what it held.
-                self._cmds.put(("abort", req.rid))
+                self._post(("abort", req.rid))
 
     async def abort(self, rid: str) -> None:
         with self._sinks_lock:
@@ -261,7 +315,7 @@ class ThreadedEngine:
                 while len(self._pre_aborted) > _PRE_ABORT_MEMORY:
                     self._pre_aborted.popitem(last=False)
                 return
-        self._cmds.put(("abort", rid))
+        self._post(("abort", rid))
 
     def load_metrics(self) -> LoadMetrics:
         return self._metrics
@@ -320,8 +374,9 @@ class ThreadedEngine:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._cmds.put(("stop",))
-        self._thread.join()
+        self._post(("stop",))
+        if self._thread is not None:
+            self._thread.join()
         if self.publisher is not None:
             self.publisher.close()
 
@@ -679,7 +734,7 @@ class NativeEngine(ThreadedEngine):
                     done += 1
         except BaseException:
             for r in submitted:
-                self._cmds.put(("abort", r.rid))
+                self._post(("abort", r.rid))
             raise
         results = [acc[r.rid].result(self) for r in reqs]
         return results[0] if single else results

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
-from armature.engine.api import EngineInfo
+from armature.engine.api import EngineInfo, GenerateOutput
 from armature.engine.engine import ThreadedEngine
 from armature.engine.scheduler import Scheduler, SchedulerConfig
 from armature.engine.server_args import ServerArgs
 from armature.mocker.args import MockerArgs
 from armature.mocker.runner import SimulatedExecutor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A step that starts up to this long after the previous simulated forward ended follows on from
+# its end: the wake-up and hand-off latency of the step loop is hidden, as an engine that
+# prepares the next batch while the GPU runs the current one hides it (it never runs faster
+# than the model: each forward still takes its full predicted time).
+_TIMER_SLACK_S = 0.001
+_STOP_WAIT_S = 10.0
 
 
 def _model_facts(model_path: str | None, args: MockerArgs) -> tuple[int, list[int], int | None, int]:
@@ -69,6 +87,13 @@ class MockerEngine(ThreadedEngine):
             watermark_pages=int(margs.watermark * margs.num_gpu_blocks_override),
             random_seed=sargs.random_seed,
         )
+        self.executor.timer_slack_s = _TIMER_SLACK_S
+        self._task: asyncio.Task[None] | None = None
+        self._task_loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._driver_lock = threading.Lock()
+        self._driver_done = threading.Event()
+        self._timer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mocker-timer")
         super().__init__(Scheduler(config, self.executor), sargs.kv_events(), "mocker")
         self.info = EngineInfo(
             model_path=sargs.model_path or "mocker",
@@ -85,3 +110,120 @@ class MockerEngine(ThreadedEngine):
             kv_events_endpoint=self.publisher.endpoint if self.publisher else None,
             engine_kind="mocker",
         )
+
+    # --- the step loop: a task on the caller's event loop ------------------------------------
+    #
+    # The mocker has no model: its "forward" is a sleep. So its step loop runs as an asyncio
+    # task on the event loop of whoever first uses it (the worker's), sleeping with the loop
+    # instead of blocking a thread: no cross-thread hand-off per step, no GIL contention with
+    # the request plane. The scheduler, commands, metrics and output routing are the native
+    # engine's own (ThreadedEngine). Used from plain threads with no event loop, it falls back
+    # to the native engine's step-loop thread.
+
+    def _start_driver(self) -> None:
+        pass  # started by the first command, on the loop (or thread) that sends it
+
+    def _ensure_driver(self) -> None:
+        with self._driver_lock:
+            if self._task_loop is not None or self._thread is not None:
+                return
+            loop = _running_loop()
+            if loop is None:
+                self.executor.blocking = True
+                super()._start_driver()
+                return
+            self.executor.blocking = False
+            self._wake = asyncio.Event()
+            self._task_loop = loop
+            self._task = loop.create_task(self._drive(), name="mocker-step-loop")
+
+    def _post(self, cmd: tuple[Any, ...]) -> None:
+        self._cmds.put(cmd)
+        self._ensure_driver()
+        loop, wake = self._task_loop, self._wake
+        if loop is None or wake is None:
+            return
+        if _running_loop() is loop:
+            wake.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # that loop is closed: nothing will run the commands
+                pass
+
+    def run_in_loop(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        if self._task_loop is not None and _running_loop() is self._task_loop:
+            # Called from the step loop's own event loop: the step loop is parked between two
+            # steps right now, so run it here (a blocking .result() on a queued call would hang).
+            self._check_alive()
+            fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+            self._handle(("call", fn, fut))
+            return fut
+        return super().run_in_loop(fn)
+
+    def _drain_commands(self) -> bool:
+        """Run the queued commands; False once told to stop."""
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return True
+            if cmd[0] == "stop":
+                self._drain_on_stop()
+                return False
+            self._handle(cmd)
+
+    async def _drive(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        try:
+            while self._drain_commands():
+                if self.scheduler.has_work and not self._paused:
+                    outputs: list[GenerateOutput] = self._run_step()
+                    try:
+                        await self._sleep_until(self.executor.deadline)
+                    finally:  # even when cancelled: what the step produced reaches its callers
+                        self.executor.forward_done()
+                        self._emit(outputs)
+                else:
+                    wake.clear()
+                    if self._cmds.empty():
+                        await wake.wait()
+        finally:
+            self._driver_done.set()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        delay = deadline - time.perf_counter()
+        if delay <= 0:
+            await asyncio.sleep(0)  # let the callers' tasks run before the next step
+        else:
+            # Event-loop timers tick in whole milliseconds (a 0.57 ms decode step would take 1);
+            # a thread's sleep is exact, and its wake-up is one hand-off per step.
+            await asyncio.wrap_future(self._timer.submit(time.sleep, delay))
+
+    def shutdown_sync(self) -> None:
+        loop = self._task_loop
+        if loop is None:
+            super().shutdown_sync()
+            return
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._post(("stop",))
+        if _running_loop() is loop or loop.is_closed():
+            # The task cannot run while this call blocks its loop: stop here, on the same thread.
+            if self._task is not None:
+                self._task.cancel()
+            self._drain_commands()  # runs up to the "stop" just posted, which aborts what runs
+        elif not self._driver_done.wait(_STOP_WAIT_S):
+            log.warning("the mocker's step loop did not stop within %.0f s", _STOP_WAIT_S)
+        self._timer.shutdown(wait=False)
+        if self.publisher is not None:
+            self.publisher.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

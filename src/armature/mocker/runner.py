@@ -7,11 +7,10 @@ chunked prefill, the radix cache, retraction, KV events and load metrics are the
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import deque
 from dataclasses import dataclass
-
-import torch
 
 from armature.engine.scheduler import ScheduledBatch, ScheduledSeq, SeqResult
 from armature.mocker.timing import PolynomialTiming
@@ -53,11 +52,22 @@ class StepRecord:
     measured_ms: float  # wall time from the start of the step to the end of its simulated forward
     num_prefill_tokens: int
     num_decodes: int
-    active_kv_tokens: int
+    active_blocks: int  # KV blocks held by running requests (the decode term's load, over the total)
 
 
 def _is_decode(s: ScheduledSeq) -> bool:
-    return s.extend_len == 1 and bool(s.req.output_ids) and s.prefix_len >= len(s.req.input_ids)
+    return s.extend_len == 1 and s.prefix_len >= len(s.req.input_ids)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _seeded_token(seed: int, position: int, vocab: int) -> int:
+    """A token that depends only on (seed, position): splitmix64 of the pair, no state to keep."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) % vocab
 
 
 class SimulatedExecutor:
@@ -76,8 +86,14 @@ class SimulatedExecutor:
         self.vocab_size = vocab_size
         self.speedup_ratio = speedup_ratio
         self.timing = timing or PolynomialTiming()
-        self._gen = torch.Generator().manual_seed(seed)
+        # Unseeded requests draw from one stream: plain ``random``, a few hundred ns a token.
+        self._rng = random.Random(seed)
         self.records: deque[StepRecord] = deque(maxlen=history)
+        self.blocking = True
+        self.timer_slack_s = 0.0  # how late a step may start and its forward still follow on
+        self.deadline = 0.0  # perf_counter() at which the current step's simulated forward ends
+        self._current: tuple[float, float, int, int, int] = (0.0, 0.0, 0, 0, 0)
+        self._in_flight = False
         self._uniform_logprob = -math.log(vocab_size)
 
     @property
@@ -85,26 +101,58 @@ class SimulatedExecutor:
         return self._pages
 
     def execute(self, batch: ScheduledBatch) -> list[SeqResult]:
-        prefill = [s.extend_len for s in batch.seqs if not _is_decode(s)]
-        decodes = len(batch.seqs) - len(prefill)
-        active_tokens = batch.active_pages * self.page_size
-        predicted = self.timing.step_ms(prefill, decodes > 0, active_tokens)
-        if self.speedup_ratio > 0:
-            # Sleep until the step's deadline, so scheduling overhead is part of the simulated
-            # time rather than added on top of it.
-            deadline = batch.started + predicted / 1000.0 / self.speedup_ratio
-            delay = deadline - time.perf_counter()
+        """Price the step, set ``deadline`` (when its simulated forward ends) and return its tokens.
+
+        With ``blocking`` (the step loop on a thread of its own) this sleeps until the deadline;
+        otherwise the caller awaits it (the step loop as a task on the event loop) and then calls
+        ``forward_done``.
+        """
+        prefill_tokens = 0
+        decodes = 0
+        for s in batch.seqs:
+            if _is_decode(s):
+                decodes += 1
+            else:
+                prefill_tokens += s.extend_len
+        predicted = self.timing.step_ms(prefill_tokens, decodes > 0, batch.active_pages / self._pages.total_pages)
+        # The simulated forward starts when the step does (scheduling overhead is inside the
+        # simulated time, not added to it) -- or where the previous one ended, when this step
+        # starts no more than ``timer_slack_s`` after that (the step loop's wake-up latency):
+        # back-to-back forwards then keep the model's pace instead of drifting behind it.
+        start = batch.started
+        if start - self.deadline <= self.timer_slack_s:
+            start = self.deadline
+        self._current = (start, predicted, prefill_tokens, decodes, batch.active_pages)
+        self._in_flight = True
+        self.deadline = start + (predicted / 1000.0 / self.speedup_ratio if self.speedup_ratio > 0 else 0.0)
+        if self.blocking:
+            delay = self.deadline - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        measured = (time.perf_counter() - batch.started) * 1000.0
-        self.records.append(StepRecord(predicted, measured, sum(prefill), decodes, active_tokens))
+            self.forward_done()
         return [self._result(s) for s in batch.seqs]
 
+    def forward_done(self) -> None:
+        """Record the step that just ended: the model's time and the wall time it took."""
+        if not self._in_flight:
+            return
+        self._in_flight = False
+        start, predicted, prefill_tokens, decodes, active = self._current
+        measured = (time.perf_counter() - start) * 1000.0
+        self.records.append(StepRecord(predicted, measured, prefill_tokens, decodes, active))
+
     def _draw(self, s: ScheduledSeq) -> int:
-        gen = s.req.generator or self._gen
-        stop = s.req.stop_ids
+        req = s.req
+        stop = req.stop_ids
+        vocab = self.vocab_size
+        seed = req.sampling.seed
+        position = len(req.output_ids)
         while True:
-            tok = int(torch.randint(self.vocab_size, (1,), generator=gen))
+            if seed is None:
+                tok = int(self._rng.random() * vocab)
+            else:
+                tok = _seeded_token(seed, position, vocab)
+                position += 1 << 32  # a redraw for the same position: another, still seeded
             # Stop ids are never drawn, so a request runs to max_new_tokens as a benchmark wants.
             if tok not in stop:
                 return tok

@@ -123,10 +123,34 @@ def test_mocker_args_defaults_are_dynamos() -> None:
         MockerArgs(speedup_ratio=-1)
 
 
-def test_timing_model_is_dynamos_polynomial() -> None:
+def test_timing_model_is_dynamos_polynomial_applied_per_step() -> None:
     t = PolynomialTiming()
     assert t.prefill_ms(0) == pytest.approx(16.50142)
     assert t.prefill_ms(1000) == pytest.approx(4.209989e-07 * 1e6 + 15.18344 + 16.50142)
-    assert t.decode_ms(0) == pytest.approx(5.74)
-    assert t.decode_ms(16384) == pytest.approx(-25.74 + 54.01 + 5.74)
-    assert t.step_ms([100, 200], True, 8192) == pytest.approx(t.prefill_ms(100) + t.prefill_ms(200) + t.decode_ms(8192))
+    assert t.decode_ms(0.0) == pytest.approx(5.74)
+    assert t.decode_ms(1.0) == pytest.approx(-25.74 + 54.01 + 5.74)
+    # One prefill polynomial over the step's new tokens, plus one decode for the whole batch.
+    assert t.step_ms(300, True, 0.5) == pytest.approx(t.prefill_ms(300) + t.decode_ms(0.5))
+    assert t.step_ms(0, True, 0.25) == pytest.approx(t.decode_ms(0.25))
+    assert t.step_ms(0, False, 0.25) == 0.0
+
+
+async def test_steps_are_timed_on_the_kv_load_and_batched_prefill() -> None:
+    eng = MockerEngine(
+        ServerArgs(skip_tokenizer_init=True, context_length=4096),
+        MockerArgs(speedup_ratio=0.0, block_size=16, num_gpu_blocks_override=64),
+    )
+    try:
+        reqs = [GenerateRequest(f"r{i}", [i + 1] * 40, SamplingParams(max_new_tokens=4)) for i in range(4)]
+        await asyncio.gather(*(collect(eng, r) for r in reqs))
+        recs = list(eng.executor.records)
+        t = PolynomialTiming()
+        for rec in recs:
+            expected = t.step_ms(rec.num_prefill_tokens, rec.num_decodes > 0, rec.active_blocks / 64)
+            assert rec.predicted_ms == pytest.approx(expected)
+        # All four prompts were waiting together: one step prefilled them, priced as one prefill.
+        assert recs[0].num_prefill_tokens == 160
+        assert recs[0].predicted_ms == pytest.approx(t.prefill_ms(160))
+        assert max(r.active_blocks for r in recs) == 12  # 4 requests x 3 blocks of 16 (<= 44 tokens)
+    finally:
+        await eng.shutdown()
