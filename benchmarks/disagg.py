@@ -12,6 +12,8 @@ Real processes (file discovery in a temp folder, loopback only, SmolLM2-135M, na
    ``--decoders`` long generations (64-token prompts, ``--decode-tokens`` tokens) streaming while
    ``--prefills`` long prompts (1,500 tokens, 8 tokens) arrive one every ``--gap`` seconds.
    TTFT of each class and ITL of the long generations, p50 / p90, and the disagg/agg ratio.
+   The machine's cores are split evenly between a deployment's workers (``OMP_NUM_THREADS``):
+   the aggregated worker gets them all, the prefill and decode workers half each.
 
 Prints a table and writes JSON to benchmarks/results/disagg.json.
 
@@ -95,19 +97,25 @@ class Deployment:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _spawn(args: list[str], log: Path, kv: Path) -> Proc:
+def _spawn(args: list[str], log: Path, kv: Path, threads: int | None = None) -> Proc:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ARMATURE_"))}
     env.update({"ARMATURE_FILE_KV": str(kv), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    if threads is not None:
+        # Each engine's torch threads: the cores are split between the workers of a deployment,
+        # so aggregated and disaggregated serving get the same compute and nobody oversubscribes.
+        env["OMP_NUM_THREADS"] = str(threads)
     with log.open("wb") as f:
         popen = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
     return Proc(popen, log)
 
 
 def _worker(tmp: Path, kv: Path, model: str, mode: str, *flags: str) -> Proc:
+    cores = os.cpu_count() or 1
+    threads = cores if mode == "null" else max(1, cores // 2)
     args = ["-m", "armature.sglang", "--engine", "native", "--model-path", model, "--served-model-name", MODEL,
             "--discovery-backend", "file", "--system-port", "0", "--max-total-tokens", "16384",
             "--disaggregation-mode", mode, *flags]  # fmt: skip
-    return _spawn(args, tmp / f"{mode}-{time.monotonic_ns()}.log", kv)
+    return _spawn(args, tmp / f"{mode}-{time.monotonic_ns()}.log", kv, threads)
 
 
 def _metrics(proc: Proc) -> str:

@@ -27,6 +27,10 @@ TRANSFER_BACKEND="${TRANSFER_BACKEND:-shm}"
 BOOTSTRAP_PORT="${BOOTSTRAP_PORT:-12345}"
 BOOTSTRAP_HOST="${BOOTSTRAP_HOST:-127.0.0.1}"   # 0.0.0.0 when decode workers run on other hosts
 
+# On a CPU the two workers share the cores: give each half, so their torch threads do not fight.
+CORES="$(nproc 2>/dev/null || echo 2)"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES > 1 ? CORES / 2 : 1 ))}"
+
 export DYN_DISCOVERY_BACKEND="${DYN_DISCOVERY_BACKEND:-file}"
 export DYN_FILE_KV="${DYN_FILE_KV:-$(mktemp -d -t armature_kv.XXXXXX)}"
 export DYN_REQUEST_PLANE="${DYN_REQUEST_PLANE:-tcp}"

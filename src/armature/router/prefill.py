@@ -128,7 +128,8 @@ class PrefillPool:
         else:
             iid = self.router.pick(target=target, exclude=avoid)
         host, port = self._bootstrap[iid]
-        return iid, BootstrapInfo(bootstrap_host=host, bootstrap_port=port, bootstrap_room=secrets.randbits(63))
+        room = secrets.randbits(63)
+        return iid, BootstrapInfo(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room)
 
 
 class DisaggRouter:
@@ -138,7 +139,9 @@ class DisaggRouter:
     attributes are the decode router's.
     """
 
-    def __init__(self, decode: PushRouter | KvPushRouter, prefill: PrefillPool, decode_fallback: bool = False) -> None:
+    def __init__(
+        self, decode: PushRouter | KvPushRouter, prefill: PrefillPool, decode_fallback: bool = False
+    ) -> None:
         self.decode = decode
         self.prefill = prefill
         self.decode_fallback = decode_fallback
@@ -158,7 +161,11 @@ class DisaggRouter:
             await close()
 
     async def generate(
-        self, request: PreprocessedRequest, context: Context, target: int | None = None, exclude: Collection[int] = ()
+        self,
+        request: PreprocessedRequest,
+        context: Context,
+        target: int | None = None,
+        exclude: Collection[int] = (),
     ) -> tuple[int, AsyncIterator[Any]]:
         pool = self.prefill
         if not pool.activated:
@@ -168,7 +175,7 @@ class DisaggRouter:
         live = set(self.decode.instance_ids())
         decode_exclude = exclude if live - set(exclude) else ()
         if self.decode_fallback and not pool.available_ids():
-            log.warning("model %r: no prefill worker available; serving aggregated on a decode worker", pool.model)
+            log.warning("model %r: no prefill worker available; serving aggregated on decode", pool.model)
             return await self.decode.generate(request, context, target=target, exclude=decode_exclude)
         prefill_id, boot = pool.choose(request)
         prefill_ctx = context.child()
@@ -182,7 +189,9 @@ class DisaggRouter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         try:
-            iid, stream = await self.decode.generate(decode_req, context, target=target, exclude=decode_exclude)
+            iid, stream = await self.decode.generate(
+                decode_req, context, target=target, exclude=decode_exclude
+            )
         except BaseException:
             prefill_ctx.kill()
             raise

@@ -32,15 +32,17 @@ class DisaggCollector(Collector):
                 ("kv_transfers", "KV transfers received", st.transfers),
                 ("kv_transfer_failures", "KV transfers that failed", st.failures),
                 ("kv_transfer_bytes", "KV bytes received", st.bytes),
-                ("kv_transfer_wire_seconds", "Seconds receiving KV bytes (socket) or mapping them (shm)", st.wire_s),
+                ("kv_transfer_wire_seconds", "Seconds reading KV (tcp) or mapping it (shm)", st.wire_s),
                 ("kv_transfer_copy_seconds", "Seconds copying received KV pages into the pool", st.copy_s),
-                ("kv_transfer_seconds", "Seconds from the prefill side staging KV to the pages being in the pool",
+                ("kv_transfer_seconds", "Seconds from the prefill side staging KV to the pages in the pool",
                  st.total_s),
             ):
                 c = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=names)
                 c.add_metric(self.labels, value)
                 yield c
-            g = GaugeMetricFamily(f"{PREFIX}_transfers_in_flight", "Requests whose KV is on its way", labels=names)
+            g = GaugeMetricFamily(
+                f"{PREFIX}_transfers_in_flight", "Requests whose KV is on its way", labels=names
+            )
             g.add_metric(self.labels, sched.transfers_in_flight)
             yield g
         if link.server is not None:

@@ -229,7 +229,9 @@ class BootstrapServer:
             return f"unknown transfer backend {pull.backend!r}"
         need = -(-pull.num_tokens // self.layout.page_size)
         if len(pull.dst_pages) != need:
-            return f"{pull.num_tokens} tokens need {need} pages, the decode side reserved {len(pull.dst_pages)}"
+            return (
+                f"{pull.num_tokens} tokens need {need} pages, the decode side reserved {len(pull.dst_pages)}"
+            )
         return None
 
     async def _wait_settled(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, room: _Room) -> bool:
@@ -240,9 +242,11 @@ class BootstrapServer:
             while True:
                 # Until the prefill request arrives the room may still expire; after that the
                 # decode side's own waiting timeout bounds the wait.
-                timeout = None if room.rid is not None else max(0.0, room.deadline - time.monotonic())
-                done, _ = await asyncio.wait({settled, gone}, timeout=min(timeout, 1.0) if timeout is not None else 1.0,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                left = None if room.rid is not None else max(0.0, room.deadline - time.monotonic())
+                wait_s = 1.0 if left is None else min(left, 1.0)
+                done, _ = await asyncio.wait(
+                    {settled, gone}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+                )
                 if settled in done:
                     return True
                 if gone in done:
@@ -263,7 +267,9 @@ class BootstrapServer:
             settled.cancel()
             gone.cancel()
 
-    async def _deliver(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, pull: KvPull, room: _Room) -> None:
+    async def _deliver(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, pull: KvPull, room: _Room
+    ) -> None:
         staged = room.staged
         if staged is None:
             await self._send_failed(loop, conn, pull.room, room.failed or "the prefill request failed")
@@ -274,7 +280,8 @@ class BootstrapServer:
                 loop,
                 conn,
                 pull.room,
-                f"the prefill request had {staged.num_tokens} prompt tokens, the decode request {pull.num_tokens}",
+                f"the prefill request had {staged.num_tokens} prompt tokens, "
+                f"the decode request {pull.num_tokens}",
             )
             return
         ready = KvReady(
@@ -293,9 +300,12 @@ class BootstrapServer:
         self.stats.rooms_served += 1
         self.stats.bytes_sent += ready.nbytes
 
-    async def _send_failed(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, room: int, message: str) -> None:
+    async def _send_failed(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, room: int, message: str
+    ) -> None:
+        frame = KvFailed(version=PROTOCOL_VERSION, room=room, message=message)
         with contextlib.suppress(OSError):
-            await loop.sock_sendall(conn, encode_frame(KvFailed(version=PROTOCOL_VERSION, room=room, message=message)))
+            await loop.sock_sendall(conn, encode_frame(frame))
 
     async def _shutdown(self) -> None:
         self._accepting.cancel()

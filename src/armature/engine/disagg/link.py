@@ -41,13 +41,15 @@ class DisaggLink:
                 asyncio.get_running_loop().create_task(engine.abort(rid))
 
             server = BootstrapServer(
-                layout, abort_request, config.bootstrap_host, config.bootstrap_port, config.bootstrap_timeout_s
+                layout,
+                abort_request,
+                config.bootstrap_host,
+                config.bootstrap_port,
+                config.bootstrap_timeout_s,
             )
-            hooks = PrefillHooks()
-            hooks.open_room = server.open_room_threadsafe
-            hooks.stage = server.stage_threadsafe
-            hooks.fail = server.fail_threadsafe
-            sched.prefill_hooks = hooks
+            sched.prefill_hooks = PrefillHooks(
+                open_room=server.open_room_threadsafe, stage=server.stage_threadsafe, fail=server.fail_threadsafe
+            )
             self.server = server
             engine.info.bootstrap_host = advertised_host(server.host)
             engine.info.bootstrap_port = server.port

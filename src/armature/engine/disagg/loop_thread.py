@@ -34,7 +34,9 @@ class LoopThread:
         except RuntimeError:  # closed: the engine is shutting down and nobody waits any more
             pass
 
-    def stop(self, cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None, timeout: float = 5.0) -> None:
+    def stop(
+        self, cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None, timeout: float = 5.0
+    ) -> None:
         if self.loop.is_closed():
             return
         if cleanup is not None and self._thread.is_alive():

@@ -97,7 +97,8 @@ class KvPuller:
     async def _pull(self, job: PullJob) -> None:
         loop = asyncio.get_running_loop()
         boot = job.bootstrap
-        where = f"prefill bootstrap server {boot.bootstrap_host}:{boot.bootstrap_port} (room {boot.bootstrap_room})"
+        address = f"{boot.bootstrap_host}:{boot.bootstrap_port}"
+        where = f"prefill bootstrap server {address} (room {boot.bootstrap_room})"
         dest: KvDestination | None = None
         kv: ReceivedKv | None = None
         sock: socket.socket | None = None

@@ -60,6 +60,7 @@ class _Transfer:
     pages: list[int] = field(default_factory=list)
 
 
+@dataclass
 class PrefillHooks:
     """What the prefill role needs from the bootstrap server (set by ``DisaggLink``)."""
 
@@ -238,8 +239,10 @@ class DisaggScheduler(Scheduler):
         if r.sampling.max_new_tokens == 0:
             r.finish_reason = EngineFinishReason.LENGTH
         else:
-            top = [(int(a), float(b)) for a, b in ready.top_logprobs] if ready.top_logprobs is not None else None
-            self._append_token(r, SeqResult(token_id=ready.first_token, logprob=ready.logprob, top_logprobs=top))
+            tops = ready.top_logprobs
+            top = [(int(a), float(b)) for a, b in tops] if tops is not None else None
+            first = SeqResult(token_id=ready.first_token, logprob=ready.logprob, top_logprobs=top)
+            self._append_token(r, first)
         if r.finish_reason is not None:
             self.running.remove(r)
             self._release(r)

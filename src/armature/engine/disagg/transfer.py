@@ -85,8 +85,9 @@ class _TcpDestination:
 class _ShmDestination:
     def __init__(self, nbytes: int) -> None:
         # A zero-size segment is refused by the OS; an empty transfer still needs a name.
-        self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
-        self.shm_name: str | None = self._shm.name
+        shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+        self._shm: shared_memory.SharedMemory | None = shm
+        self.shm_name: str | None = shm.name
 
     async def receive(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, ready: KvReady, layout: KvLayout
@@ -148,7 +149,8 @@ async def send_kv(
         except OSError as exc:
             raise WireError(
                 f"cannot write into shared-memory segment {pull.shm_name!r} ({exc}); the shm backend needs "
-                "prefill and decode workers on one host — use --disaggregation-transfer-backend tcp across hosts"
+                "prefill and decode workers on one host — use --disaggregation-transfer-backend tcp "
+                "across hosts"
             ) from exc
         await loop.sock_sendall(sock, encode_frame(ready))
         return
