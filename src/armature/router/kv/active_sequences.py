@@ -20,25 +20,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from operator import ne
 from dataclasses import dataclass
 
-from armature.router.kv.slots import SlotTable, WorkerKey
+from armature.router.kv.run_trie import ROOT as _ROOT
+from armature.router.kv.run_trie import RunTrie, common_prefix
+from armature.router.kv.slots import WorkerKey
 
 logger = logging.getLogger(__name__)
 
 
-_ROOT = 0
 _SLOT_BITS = 16  # refs are keyed by node id << 16 | slot
-
-
-def _common_prefix(segment: list[int], run: list[int]) -> int:
-    """Length of the common prefix of two hash lists (C-level: no Python loop per element)."""
-    neq = list(map(ne, segment, run))
-    try:
-        return neq.index(True)
-    except ValueError:
-        return len(neq)
 
 
 @dataclass(slots=True)
@@ -61,7 +52,7 @@ class SequenceLoad:
     num_requests: int
 
 
-class ActiveSequences:
+class ActiveSequences(RunTrie):
     """Active requests per (worker_id, dp_rank) with unique-block decode load."""
 
     def __init__(
@@ -80,15 +71,9 @@ class ActiveSequences:
         self.assume_kv_reuse = assume_kv_reuse
         self.track_active_blocks = track_active_blocks
         self._clock = clock
-        # Trie storage indexed by node id; 0 is the root (an empty run).
-        self._kids: list[dict[int, int] | None] = [None]  # first hash of a child's run -> child
-        self._run: list[list[int]] = [[]]
-        self._mask: list[int] = [0]
-        self._parent: list[int] = [-1]
-        self._free_ids: list[int] = []
+        super().__init__()
         # (node id << 16 | slot) -> active requests on that slot using the block.
         self._refs: dict[int, int] = {}
-        self._slots = SlotTable()
         # Read directly by the scheduler; every known key is present.
         self.active_blocks: dict[WorkerKey, int] = {}
         self.prefill_tokens: dict[WorkerKey, int] = {}
@@ -103,68 +88,11 @@ class ActiveSequences:
 
     def already_active(self, local_hashes: Sequence[int]) -> dict[WorkerKey, int]:
         """For each slot, how many leading blocks of the request are already active there."""
-        out: dict[WorkerKey, int] = {}
-        key_of = self._slots.key_of
-        for slots, depth in self.active_levels(local_hashes):
-            while slots:
-                low = slots & -slots
-                out[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                slots ^= low
-        return out
+        return self._keyed(self._walk(local_hashes))
 
-    def active_levels(self, local_hashes: Sequence[int]) -> list[tuple[int, int]]:
-        """``already_active`` as ``[(slot mask, depth)]``: no per-slot work (see ``slot_of``)."""
-        levels: list[tuple[int, int]] = []
-        if not self.assume_kv_reuse or not self.track_active_blocks or self._kids[_ROOT] is None:
-            return levels
-        if type(local_hashes) is not list:
-            local_hashes = list(local_hashes)
-        kids, runs, mask = self._kids, self._run, self._mask
-        n = len(local_hashes)
-        nid = _ROOT
-        depth = 0
-        cur = -1
-        while depth < n:
-            children = kids[nid]
-            if children is None:
-                break
-            child = children.get(local_hashes[depth])
-            if child is None:
-                break
-            m = mask[child] & cur
-            if m != cur:
-                if depth:
-                    levels.append((cur & ~m, depth))
-                if not m:
-                    return levels
-                cur = m
-            run = runs[child]
-            size = len(run)
-            if size == 1:
-                depth += 1
-            else:
-                segment = local_hashes[depth : depth + size]
-                if segment == run:
-                    depth += size
-                else:
-                    depth += _common_prefix(segment, run)
-                    break
-            nid = child
-        if depth and cur > 0:
-            levels.append((cur, depth))
-        return levels
-
-    def slot_of(self, key: WorkerKey) -> int | None:
-        """The bit of ``key`` in ``active_levels`` masks."""
-        return self._slots.get(key)
-
-    @property
-    def slots_version(self) -> int:
-        return self._slots.version
-
-    @property
-    def slot_capacity(self) -> int:
-        return self._slots.capacity
+    # ``already_active`` as ``[(slot mask, depth)]``: no per-slot work (see ``slot_of``). Without
+    # kv reuse (or block tracking) nothing is ever booked in the trie, so this is empty then.
+    active_levels = RunTrie._walk
 
     def new_prefill_tokens(self, isl: int, overlap_blocks: int) -> int:
         return max(isl - overlap_blocks * self.block_size, 0)
@@ -312,7 +240,7 @@ class ActiveSequences:
             if child is None:
                 if not create:
                     raise KeyError("request path not in the active trie")
-                nodes.append(self._new_node(nid, hashes[i:]))
+                nodes.append(self._new_node(nid, hashes[i:], 0))
                 break
             run = runs[child]
             size = len(run)
@@ -321,45 +249,17 @@ class ActiveSequences:
                 if segment != run:
                     if not create:
                         raise KeyError("request path not in the active trie")
-                    size = _common_prefix(segment, run)
+                    size = common_prefix(segment, run)
                     self._split(child, size)
             nodes.append(child)
             i += size
             nid = child
         return nodes
 
-    def _new_node(self, parent: int, run: list[int]) -> int:
-        if self._free_ids:
-            nid = self._free_ids.pop()
-            self._kids[nid] = None
-            self._run[nid] = run
-            self._mask[nid] = 0
-            self._parent[nid] = parent
-        else:
-            nid = len(self._mask)
-            self._kids.append(None)
-            self._run.append(run)
-            self._mask.append(0)
-            self._parent.append(parent)
-        children = self._kids[parent]
-        if children is None:
-            children = self._kids[parent] = {}
-        children[run[0]] = nid
-        return nid
-
     def _split(self, nid: int, at: int) -> None:
-        """Cut node ``nid``'s run after ``at`` blocks; the tail becomes its only child."""
-        run = self._run[nid]
-        kids = self._kids[nid]
-        self._kids[nid] = None
-        tail = self._new_node(nid, run[at:])
-        self._run[nid] = run[:at]
-        self._kids[tail] = kids
-        if kids:
-            for grandchild in kids.values():
-                self._parent[grandchild] = tail
+        """Cut node ``nid``'s run after ``at`` blocks; the tail shares its reference counts."""
+        tail = self._cut(nid, at)
         m = self._mask[nid]
-        self._mask[tail] = m
         refs = self._refs
         while m:
             low = m & -m
@@ -387,7 +287,7 @@ class ActiveSequences:
         self.active_blocks[key] -= req.own_blocks
         self._num_requests[key] -= 1
         bit = 1 << slot
-        kids, mask, refs, parent_of, runs = self._kids, self._mask, self._refs, self._parent, self._run
+        mask, refs, runs = self._mask, self._refs, self._run
         freed = 0
         for nid in reversed(self._path(req.hashes, create=False) if req.hashes else []):
             rk = nid << _SLOT_BITS | slot
@@ -399,17 +299,7 @@ class ActiveSequences:
             mask[nid] &= ~bit
             freed += len(runs[nid])
             # Leaf to root, so this request's deeper nodes are released already.
-            while nid != _ROOT and not mask[nid] and kids[nid] is None:
-                parent = parent_of[nid]
-                siblings = kids[parent]
-                assert siblings is not None
-                del siblings[runs[nid][0]]
-                if not siblings:
-                    kids[parent] = None
-                parent_of[nid] = -1
-                runs[nid] = []
-                self._free_ids.append(nid)
-                nid = parent
+            self._prune(nid)
         self.active_blocks[key] -= freed
         if self.on_change is not None:
             self.on_change(key)

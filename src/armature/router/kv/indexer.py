@@ -16,11 +16,11 @@ set of holders changes (a store by another worker, a removal), so a node's mask 
 every block of its run. A lookup ref names (node, offset); a split node records where it was
 cut and which node took the tail, so refs taken before the split still resolve.
 
-Storage is flat on purpose: a node is an integer id into parallel lists, children are
-``{first_local_hash: child_id}`` dicts and lookups ``{engine_hash: ref}`` dicts. Dicts holding
-only ints are invisible to Python's cyclic garbage collector, so a million-block index adds
-almost nothing to collection pauses (with one object per node, a full collection walked every
-node and stalled routing for hundreds of milliseconds).
+Storage is flat on purpose (``RunTrie``): a node is an integer id into parallel lists, and
+lookups are ``{engine_hash: ref}`` dicts. Containers holding only ints are invisible to Python's
+cyclic garbage collector, so a million-block index adds almost nothing to collection pauses
+(with one object per node, a full collection walked every node and stalled routing for hundreds
+of milliseconds).
 
 Events carry a per-worker ``event_id``. A jump forward is a gap: the indexer reports it, buffers
 that worker's later events, and applies them once the missing range (``fill_gap``) or a full
@@ -33,7 +33,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from operator import itemgetter, ne
+from operator import itemgetter
 
 import numpy as np
 
@@ -45,23 +45,15 @@ from armature.protocols.kv_events import (
     RouterEvent,
     StoredBlock,
 )
-from armature.router.kv.slots import SlotTable, WorkerKey, iter_bits
+from armature.router.kv.run_trie import ROOT as _ROOT
+from armature.router.kv.run_trie import RunTrie, common_prefix
+from armature.router.kv.slots import WorkerKey, iter_bits
 
 logger = logging.getLogger(__name__)
 
 
-_ROOT = 0
 _M32 = (1 << 32) - 1
 _offset = itemgetter(0)
-
-
-def _common_prefix(segment: list[int], run: list[int]) -> int:
-    """Length of the common prefix of two hash lists (C-level: no Python loop per element)."""
-    neq = list(map(ne, segment, run))
-    try:
-        return neq.index(True)
-    except ValueError:
-        return len(neq)
 
 
 @dataclass(slots=True)
@@ -110,22 +102,17 @@ class _WorkerLog:
     dp_ranks: set[int] = field(default_factory=set)
 
 
-class KvIndexer:
+class KvIndexer(RunTrie):
     """Radix tree of which (worker, dp_rank) holds which KV blocks."""
 
     def __init__(self) -> None:
-        # Node storage, indexed by node id; id 0 is the root (an empty run).
-        self._kids: list[dict[int, int] | None] = [None]  # first hash of a child's run -> child
-        self._run: list[list[int]] = [[]]  # the node's blocks' local hashes
-        self._mask: list[int] = [0]  # bitmask of the slots holding every block of the run
-        self._parent: list[int] = [-1]  # -1: free id
-        # Bumped when an id is freed, so a stale lookup ref can never address its next user.
+        super().__init__()
+        # Per node id; bumped when the id is freed, so a stale lookup ref can never address
+        # the node's next user.
         self._gen: list[int] = [0]
         # Every split of a node, ascending by offset: (offset, tail id, tail generation). A ref
         # past the node's end follows the split at the largest offset <= its own.
         self._fwd: list[list[tuple[int, int, int]] | None] = [None]
-        self._free_ids: list[int] = []
-        self._slots = SlotTable()
         # Per slot: engine block hash -> ref (node | generation << 32 | offset << 64).
         self._lookup: list[dict[int, int]] = []
         self._tree_sizes: dict[WorkerKey, int] = {}
@@ -133,7 +120,6 @@ class KvIndexer:
         # zero past the live slots, so a "no slot" index (capacity rounded up to bytes) reads 0.
         self.slot_sizes = np.zeros(17, dtype=np.int64)
         self._logs: dict[int, _WorkerLog] = {}
-        self._nodes = 0  # live nodes, the root excluded
         self._blocks = 0  # distinct blocks in live nodes
         self.stats = IndexerStats()
 
@@ -147,113 +133,20 @@ class KvIndexer:
         ``early_exit`` stops as soon as at most one slot is left; that slot's score is then the
         depth reached so far (a lower bound), which is all a caller needs to pick a worker.
         """
-        if not (early_exit or frequencies):
-            return OverlapScores(self._match(local_hashes), [], dict(self._tree_sizes))
-        hashes = local_hashes if type(local_hashes) is list else list(local_hashes)
-        scores: dict[WorkerKey, int] = {}
+        levels = self._walk(local_hashes, early_exit)
         freqs: list[int] = []
-        key_of = self._slots.key_of
-        kids, runs, mask = self._kids, self._run, self._mask
-        n = len(hashes)
-        nid = _ROOT
-        depth = 0
-        cur = -1
-        while depth < n:
-            children = kids[nid]
-            if children is None:
-                break
-            child = children.get(hashes[depth])
-            if child is None:
-                break
-            m = mask[child] & cur
-            if m != cur:
-                if depth:
-                    for slot in iter_bits(cur & ~m):
-                        scores[key_of[slot]] = depth  # type: ignore[index]
-                if not m:
-                    cur = 0
-                    break
-                cur = m
-            run = runs[child]
-            k = _common_prefix(hashes[depth : depth + len(run)], run)
-            depth += k
-            if frequencies:
-                freqs.extend([m.bit_count()] * k)
-            if k < len(run) or (early_exit and not (m & (m - 1))):
-                break
-            nid = child
-        if depth and cur > 0:
-            for slot in iter_bits(cur):
-                scores[key_of[slot]] = depth  # type: ignore[index]
-        return OverlapScores(scores, freqs, dict(self._tree_sizes))
+        if frequencies:
+            # Block i is held by every slot whose match goes deeper than i.
+            held = sum(slots.bit_count() for slots, _ in levels)
+            done = 0
+            for slots, depth in levels:
+                freqs.extend([held] * (depth - done))
+                held -= slots.bit_count()
+                done = depth
+        return OverlapScores(self._keyed(levels), freqs, dict(self._tree_sizes))
 
-    def _match(self, local_hashes: Sequence[int]) -> dict[WorkerKey, int]:
-        """``find_matches`` scores without frequencies or early exit."""
-        scores: dict[WorkerKey, int] = {}
-        key_of = self._slots.key_of
-        for slots, depth in self.match_levels(local_hashes):
-            while slots:
-                low = slots & -slots
-                scores[key_of[low.bit_length() - 1]] = depth  # type: ignore[index]
-                slots ^= low
-        return scores
-
-    def match_levels(self, local_hashes: Sequence[int]) -> list[tuple[int, int]]:
-        """The routing hot path: ``[(slot mask, depth)]``, the slots whose match ends at each depth.
-
-        Masks are disjoint and depths ascending; slots that match nothing are in no mask. A
-        slot's overlap is the depth of the level holding its bit (``slot_of`` maps keys to
-        bits). No per-slot work: a decision over many workers costs a few levels, not a loop.
-        """
-        hashes = local_hashes if type(local_hashes) is list else list(local_hashes)
-        levels: list[tuple[int, int]] = []
-        kids, runs, mask = self._kids, self._run, self._mask
-        n = len(hashes)
-        nid = _ROOT
-        depth = 0
-        cur = -1
-        while depth < n:
-            children = kids[nid]
-            if children is None:
-                break
-            child = children.get(hashes[depth])
-            if child is None:
-                break
-            m = mask[child] & cur
-            if m != cur:
-                if depth:
-                    levels.append((cur & ~m, depth))
-                if not m:
-                    return levels
-                cur = m
-            run = runs[child]
-            size = len(run)
-            if size == 1:
-                depth += 1
-            else:
-                segment = hashes[depth : depth + size]
-                if segment == run:
-                    depth += size
-                else:
-                    depth += _common_prefix(segment, run)
-                    break
-            nid = child
-        if depth and cur > 0:
-            levels.append((cur, depth))
-        return levels
-
-    def slot_of(self, key: WorkerKey) -> int | None:
-        """The bit of ``key`` in ``match_levels`` masks (None: it holds nothing)."""
-        return self._slots.get(key)
-
-    @property
-    def slots_version(self) -> int:
-        """Changes whenever a key gains or loses its slot (cached slot maps are then stale)."""
-        return self._slots.version
-
-    @property
-    def slot_capacity(self) -> int:
-        return self._slots.capacity
+    # The routing hot path: ``[(slot mask, depth)]``, the slots whose match ends at each depth.
+    match_levels = RunTrie._walk
 
     def tree_sizes(self) -> dict[WorkerKey, int]:
         return dict(self._tree_sizes)
@@ -269,7 +162,7 @@ class KvIndexer:
     @property
     def num_nodes(self) -> int:
         """Tree nodes (runs of blocks) currently live, the root excluded."""
-        return self._nodes
+        return len(self._mask) - 1 - len(self._free_ids)
 
     @property
     def num_entries(self) -> int:
@@ -531,43 +424,17 @@ class KvIndexer:
         return nid, off
 
     def _new_node(self, parent: int, run: list[int], mask: int) -> int:
-        if self._free_ids:
-            nid = self._free_ids.pop()
-            self._kids[nid] = None
-            self._run[nid] = run
-            self._mask[nid] = mask
-            self._parent[nid] = parent
-            self._fwd[nid] = None
-        else:
-            nid = len(self._mask)
-            self._kids.append(None)
-            self._run.append(run)
-            self._mask.append(mask)
-            self._parent.append(parent)
+        nid = super()._new_node(parent, run, mask)
+        if nid == len(self._gen):  # a new id (a reused one was reset when freed)
             self._gen.append(0)
             self._fwd.append(None)
-        children = self._kids[parent]
-        if children is None:
-            children = self._kids[parent] = {}
-        children[run[0]] = nid
-        self._nodes += 1
         self._blocks += len(run)
         return nid
 
     def _split(self, nid: int, at: int) -> int:
         """Cut ``nid``'s run after ``at`` blocks (0 < at < len); returns the new tail node."""
-        run = self._run[nid]
-        kids = self._kids[nid]
-        self._kids[nid] = None
-        tail = self._new_node(nid, run[at:], self._mask[nid])
-        self._blocks -= len(run) - at  # the same blocks, now in two nodes
-        # Truncate in place: evicting a run leaf-first costs O(1) per block, not O(run).
-        del run[at:]
-        self._kids[tail] = kids
-        if kids:
-            parent = self._parent
-            for grandchild in kids.values():
-                parent[grandchild] = tail
+        tail = self._cut(nid, at)
+        self._blocks -= len(self._run[tail])  # the same blocks, now in two nodes
         # Later splits are at smaller offsets (the run only shrinks): keep the list ascending.
         split = (at, tail, self._gen[tail])
         splits = self._fwd[nid]
@@ -618,7 +485,7 @@ class KvIndexer:
                     continue
             else:
                 rest = run[off + 1 :]
-                k = _common_prefix(hashes[i : i + len(rest)], rest)
+                k = common_prefix(hashes[i : i + len(rest)], rest)
                 if k == 0:  # the new blocks branch off right after ``off``
                     self._split(node, off + 1)
                     continue
@@ -688,24 +555,12 @@ class KvIndexer:
         if not self._mask[nid] and self._kids[nid] is None:
             self._prune(nid)
 
-    def _prune(self, nid: int) -> None:
-        """Free a node nobody holds and that has no children, then its emptied ancestors."""
-        kids, mask, parent_of, runs, gen = self._kids, self._mask, self._parent, self._run, self._gen
-        while nid != _ROOT and not mask[nid] and kids[nid] is None:
-            parent = parent_of[nid]
-            siblings = kids[parent]
-            assert siblings is not None
-            del siblings[runs[nid][0]]
-            if not siblings:
-                kids[parent] = None
-            parent_of[nid] = -1
-            gen[nid] = (gen[nid] + 1) & _M32
-            self._nodes -= 1
-            self._blocks -= len(runs[nid])
-            runs[nid] = []
-            self._fwd[nid] = None
-            self._free_ids.append(nid)
-            nid = parent
+    def _free(self, nid: int) -> None:
+        # A new generation, so a lookup ref to the old node can never address its next user.
+        self._gen[nid] = (self._gen[nid] + 1) & _M32
+        self._blocks -= len(self._run[nid])
+        self._fwd[nid] = None
+        super()._free(nid)
 
     def _clear_slot(self, key: WorkerKey, slot: int) -> None:
         bit = 1 << slot
