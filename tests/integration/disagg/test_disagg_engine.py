@@ -61,6 +61,8 @@ async def test_disaggregated_greedy_matches_aggregated(
     prefill: NativeEngine, decode: NativeEngine, reference: list[list[int]], concurrency: int
 ) -> None:
     sem = asyncio.Semaphore(concurrency)
+    assert prefill.disagg is not None and prefill.disagg.server is not None
+    direct_before = prefill.disagg.server.stats.direct_writes
 
     async def one(ids: list[int]) -> list[int]:
         async with sem:
@@ -78,9 +80,14 @@ async def test_disaggregated_greedy_matches_aggregated(
     for eng in (prefill, decode):
         m = eng.load_metrics()
         assert (m.num_running_reqs, m.num_waiting_reqs, m.kv_active_blocks) == (0, 0, 0)
-    assert prefill.disagg is not None and prefill.disagg.server is not None
     assert prefill.disagg.server.open_rooms == 0
     stats = decode.scheduler.transfer_stats  # type: ignore[attr-defined]
     assert stats.transfers >= len(PROMPTS) and stats.failures == 0
     # The decode side cached the received prompts: its prefix cache holds pages now.
     assert decode.load_metrics().kv_cached_blocks > 0
+    direct = prefill.disagg.server.stats.direct_writes - direct_before
+    if decode.disagg is not None and decode.disagg.config.transfer_backend is TransferBackend.SHM:
+        # Decode sides wait before their prefill finishes: pages go straight into their segments.
+        assert direct > 0
+    else:
+        assert direct == 0

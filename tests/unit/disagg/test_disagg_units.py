@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import msgspec
@@ -11,7 +12,7 @@ import torch
 
 from armature.engine.disagg import DisaggConfig, DisaggMode, TransferBackend
 from armature.engine.disagg.kv_pages import as_staging, gather_pages, layout_of, scatter_pages
-from armature.engine.disagg.transfer import raw_bytes
+from armature.engine.disagg.transfer import SegmentPool, gather_into_segment, open_destination, raw_bytes
 from armature.engine.disagg.wire import (
     PROTOCOL_VERSION,
     KvFailed,
@@ -41,7 +42,8 @@ def test_pages_round_trip_between_pools_through_bytes() -> None:
     for layer in range(3):
         for s_page, d_page in ((5, 0), (1, 7), (6, 2)):
             for s_buf, d_buf in ((src.k_buffer, dst.k_buffer), (src.v_buffer, dst.v_buffer)):
-                assert torch.equal(s_buf[layer][s_page * ps : (s_page + 1) * ps], d_buf[layer][d_page * ps : (d_page + 1) * ps])
+                want = s_buf[layer][s_page * ps : (s_page + 1) * ps]
+                assert torch.equal(want, d_buf[layer][d_page * ps : (d_page + 1) * ps])
     # Pages nobody wrote stay untouched.
     assert not dst.k_buffer[0][ps : 2 * ps].any()
     assert layout_of(src).page_bytes() * 3 == staged.numel() * staged.element_size()
@@ -86,3 +88,41 @@ def test_config_validates() -> None:
         DisaggConfig(mode="both")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeouts"):
         DisaggConfig(mode=DisaggMode.PREFILL, bootstrap_timeout_s=0)
+
+
+def test_segments_are_reused_only_after_a_completed_transfer() -> None:
+    segments = SegmentPool()
+    try:
+        seg = segments.acquire(1000)
+        segments.give_back(seg)
+        again = segments.acquire(800)  # fits (not more than twice the need): reused
+        assert again.name == seg.name
+        assert segments.acquire(5000).name != seg.name
+        # A destination whose transfer was cut short is unlinked, never handed out again.
+        dest = open_destination(TransferBackend.SHM, 1000, segments)
+        name = dest.shm_name
+        assert name is not None and os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+        dest.discard()
+        assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+        segments.give_back(again)
+    finally:
+        segments.close()
+    assert not os.path.exists(f"/dev/shm/{seg.name.lstrip('/')}")
+
+
+def test_pages_written_straight_into_a_segment() -> None:
+    src = pool()
+    for i, buf in enumerate((*src.k_buffer, *src.v_buffer)):
+        buf.copy_(torch.arange(buf.numel(), dtype=torch.float32).view(buf.shape) + i)
+    segments = SegmentPool()
+    try:
+        seg = segments.acquire(3 * layout_of(src).page_bytes())
+        written = gather_into_segment(src, [2, 0, 7], seg.name)
+        raw = torch.frombuffer(seg.buf, dtype=torch.uint8, count=written)
+        assert torch.equal(as_staging(raw, layout_of(src), 3), gather_pages(src, [2, 0, 7]))
+        del raw
+        with pytest.raises(OSError):
+            gather_into_segment(src, list(range(8)), seg.name)  # more pages than the segment holds
+        segments.give_back(seg)
+    finally:
+        segments.close()

@@ -43,9 +43,14 @@ _BACKLOG = 256
 
 @dataclass
 class StagedKv:
-    """A finished prefill's KV pages (staging layout) and its first token."""
+    """A finished prefill's KV pages and its first token.
 
-    data: torch.Tensor
+    ``data`` holds the pages in the staging layout, unless they were written straight into the
+    decode side's shared-memory segment ``in_segment`` (then ``data`` is None).
+    """
+
+    data: torch.Tensor | None
+    nbytes: int
     num_tokens: int
     num_pages: int
     first_token: int
@@ -53,6 +58,7 @@ class StagedKv:
     top_logprobs: list[tuple[int, float]] | None
     cached_tokens: int
     staged_at: float
+    in_segment: str | None = None
 
 
 @dataclass(eq=False)
@@ -72,6 +78,7 @@ class BootstrapStats:
     rooms_failed: int = 0
     rooms_expired: int = 0
     bytes_sent: int = 0
+    direct_writes: int = 0  # shm rooms whose pages went straight from the pool into the segment
 
 
 class BootstrapServer:
@@ -90,6 +97,9 @@ class BootstrapServer:
         self.stats = BootstrapStats()
         self._abort_request = abort_request
         self._rooms: dict[int, _Room] = {}
+        # room -> the shm segment its waiting decode side reads from; read by the step loop
+        # (single dict operations, atomic under the GIL) to write the pages there directly.
+        self._shm_targets: dict[int, str] = {}
         self._conns: set[asyncio.Task[None]] = set()
         self._thread = LoopThread("disagg-bootstrap")
         self._sock = socket.create_server((host, port), family=_family(host), backlog=_BACKLOG)
@@ -110,6 +120,10 @@ class BootstrapServer:
 
     def fail_threadsafe(self, room: int, message: str) -> None:
         self._thread.call_soon(self._fail, room, message)
+
+    def shm_target(self, room: int) -> str | None:
+        """Thread-safe: the segment a connected shm decode side waits on for ``room``, if any."""
+        return self._shm_targets.get(room)
 
     def close(self) -> None:
         self._thread.stop(self._shutdown)
@@ -156,6 +170,7 @@ class BootstrapServer:
     def _drop(self, r: _Room) -> None:
         if self._rooms.get(r.room) is r:
             del self._rooms[r.room]
+            self._shm_targets.pop(r.room, None)
         r.staged = None
 
     async def _sweep_loop(self) -> None:
@@ -207,6 +222,8 @@ class BootstrapServer:
                 await self._send_failed(loop, conn, pull.room, f"room {pull.room} already has a decode side")
                 return
             room.attached = True
+            if pull.backend == TransferBackend.SHM.value and pull.shm_name:
+                self._shm_targets[pull.room] = pull.shm_name
             if not await self._wait_settled(loop, conn, room):
                 return
             await self._deliver(loop, conn, pull, room)
@@ -289,14 +306,22 @@ class BootstrapServer:
             room=pull.room,
             num_tokens=staged.num_tokens,
             num_pages=staged.num_pages,
-            nbytes=staged.data.numel() * staged.data.element_size(),
+            nbytes=staged.nbytes,
             first_token=staged.first_token,
             logprob=staged.logprob,
             top_logprobs=staged.top_logprobs,
             cached_tokens=staged.cached_tokens,
             staged_at=staged.staged_at,
         )
-        await send_kv(loop, conn, pull, ready, staged.data)
+        if staged.in_segment is not None:
+            if staged.in_segment != pull.shm_name:
+                await self._send_failed(loop, conn, pull.room, "the KV went to another shared-memory segment")
+                return
+            await loop.sock_sendall(conn, encode_frame(ready))  # the pages are already there
+            self.stats.direct_writes += 1
+        else:
+            assert staged.data is not None
+            await send_kv(loop, conn, pull, ready, staged.data)
         self.stats.rooms_served += 1
         self.stats.bytes_sent += ready.nbytes
 

@@ -34,10 +34,14 @@ def _paged(buf: torch.Tensor, page_size: int) -> torch.Tensor:
     return buf.view(buf.shape[0] // page_size, page_size, *buf.shape[1:])
 
 
-def gather_pages(pool: KVPool, pages: Sequence[int]) -> torch.Tensor:
-    """A CPU copy of ``pages`` (all layers, K and V) in the staging layout."""
+def gather_pages(pool: KVPool, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """A CPU copy of ``pages`` (all layers, K and V) in the staging layout (into ``out`` if given)."""
     layout = layout_of(pool)
-    out = torch.empty(staging_shape(layout, len(pages)), dtype=pool.shape.dtype, device="cpu")
+    shape = staging_shape(layout, len(pages))
+    if out is None:
+        out = torch.empty(shape, dtype=pool.shape.dtype, device="cpu")
+    elif tuple(out.shape) != shape or out.dtype != pool.shape.dtype:
+        raise ValueError(f"gather target is {tuple(out.shape)} {out.dtype}, the pages need {shape} {pool.shape.dtype}")
     idx = torch.tensor(list(pages), dtype=torch.int64, device=pool.shape.device)
     on_cpu = pool.shape.device.type == "cpu"
     for kind, buffers in enumerate((pool.k_buffer, pool.v_buffer)):

@@ -48,7 +48,10 @@ class DisaggLink:
                 config.bootstrap_timeout_s,
             )
             sched.prefill_hooks = PrefillHooks(
-                open_room=server.open_room_threadsafe, stage=server.stage_threadsafe, fail=server.fail_threadsafe
+                open_room=server.open_room_threadsafe,
+                stage=server.stage_threadsafe,
+                fail=server.fail_threadsafe,
+                shm_target=server.shm_target,
             )
             self.server = server
             engine.info.bootstrap_host = advertised_host(server.host)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from armature.engine.disagg.config import DisaggConfig
 from armature.engine.disagg.loop_thread import LoopThread
-from armature.engine.disagg.transfer import KvDestination, ReceivedKv, open_destination
+from armature.engine.disagg.transfer import KvDestination, ReceivedKv, SegmentPool, open_destination
 from armature.engine.disagg.wire import (
     PROTOCOL_VERSION,
     KvFailed,
@@ -61,6 +61,7 @@ class KvPuller:
         self._on_done = on_done
         self._thread = LoopThread("disagg-puller")
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.segments = SegmentPool()
 
     def start_threadsafe(self, job: PullJob) -> None:
         self._thread.call_soon(self._start, job)
@@ -70,6 +71,7 @@ class KvPuller:
 
     def close(self) -> None:
         self._thread.stop(self._cancel_all)
+        self.segments.close()
 
     # --- loop thread ---------------------------------------------------------------------
 
@@ -104,7 +106,7 @@ class KvPuller:
         sock: socket.socket | None = None
         try:
             nbytes = len(job.pages) * self.layout.page_bytes()
-            dest = open_destination(self.config.transfer_backend, nbytes)
+            dest = open_destination(self.config.transfer_backend, nbytes, self.segments)
             infos = await loop.getaddrinfo(boot.bootstrap_host, boot.bootstrap_port, type=socket.SOCK_STREAM)
             family, _, proto, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM, proto)

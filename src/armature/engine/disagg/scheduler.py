@@ -20,11 +20,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from armature.engine.api import EngineFinishReason, GenerateOutput, GenerateRequest, LoadMetrics
 from armature.engine.disagg.bootstrap import StagedKv
 from armature.engine.disagg.config import DisaggMode
 from armature.engine.disagg.kv_pages import gather_pages, scatter_pages
 from armature.engine.disagg.puller import PullJob, PullResult
+from armature.engine.disagg.transfer import gather_into_segment
 from armature.engine.kv_pool import KVPool
 from armature.engine.scheduler import Req, ReqStatus, Scheduler, SchedulerConfig, SeqResult, StepExecutor
 from armature.protocols.llm import BootstrapInfo
@@ -67,6 +70,8 @@ class PrefillHooks:
     open_room: Callable[[int, str], None]
     stage: Callable[[int, StagedKv], None]
     fail: Callable[[int, str], None]
+    # The shared-memory segment a waiting decode side reads from, to write the pages there at once.
+    shm_target: Callable[[int], str | None]
 
 
 class DisaggScheduler(Scheduler):
@@ -168,12 +173,25 @@ class DisaggScheduler(Scheduler):
             return
         staged_at = time.time()
         num_pages = -(-n // self.page_size)
-        data = gather_pages(self.pool, r.pages[:num_pages])
+        pages = r.pages[:num_pages]
+        data: torch.Tensor | None = None
+        segment = self.prefill_hooks.shm_target(room)
+        if segment is not None:
+            try:
+                nbytes = gather_into_segment(self.pool, pages, segment)
+            except OSError as exc:  # the decode side left meanwhile (or is elsewhere): stage
+                log.debug("room %d: direct write into %s failed (%s); staging", room, segment, exc)
+                segment = None
+        if segment is None:
+            data = gather_pages(self.pool, pages)
+            nbytes = data.numel() * data.element_size()
         top = r.output_top_logprobs[0] if r.output_top_logprobs else None
         self.prefill_hooks.stage(
             room,
             StagedKv(
                 data=data,
+                nbytes=nbytes,
+                in_segment=segment,
                 num_tokens=n,
                 num_pages=num_pages,
                 first_token=r.output_ids[0],

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import socket
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import Protocol
@@ -21,8 +24,9 @@ from typing import Protocol
 import torch
 
 from armature.engine.disagg.config import TransferBackend
-from armature.engine.disagg.kv_pages import as_staging
+from armature.engine.disagg.kv_pages import as_staging, gather_pages, layout_of
 from armature.engine.disagg.wire import KvLayout, KvPull, KvReady, WireError, encode_frame, recv_into
+from armature.engine.kv_pool import KVPool
 
 _DEV_SHM = "/dev/shm"
 
@@ -38,13 +42,13 @@ class ReceivedKv:
 
     data: torch.Tensor
     nbytes: int
-    _shm: shared_memory.SharedMemory | None = field(default=None, repr=False)
+    _on_release: Callable[[], None] | None = field(default=None, repr=False)
 
     def release(self) -> None:
         self.data = torch.empty(0)
-        if self._shm is not None:
-            shm, self._shm = self._shm, None
-            _close_and_unlink(shm)
+        if self._on_release is not None:
+            done, self._on_release = self._on_release, None
+            done()
 
 
 def _close_and_unlink(shm: shared_memory.SharedMemory) -> None:
@@ -52,6 +56,50 @@ def _close_and_unlink(shm: shared_memory.SharedMemory) -> None:
         shm.close()
     with contextlib.suppress(FileNotFoundError):
         shm.unlink()
+
+
+class SegmentPool:
+    """The decode side's shared-memory segments, kept for reuse.
+
+    A fresh segment costs the kernel a page allocation and zero-fill per 4 KiB on first touch
+    (on both sides); reusing one that already holds its pages makes the transfer two plain
+    copies. A segment goes back to the pool only after its transfer completed (the prefill side
+    writes before it answers, never after), so no late write can land in a reused segment; one
+    whose transfer was cut short is unlinked instead.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._free: list[shared_memory.SharedMemory] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
+        need = max(nbytes, 1)  # the OS refuses an empty segment; an empty transfer still needs a name
+        with self._lock:
+            fits = [s for s in self._free if need <= s.size <= 2 * need]
+            if fits:
+                seg = min(fits, key=lambda s: s.size)
+                self._free.remove(seg)
+                return seg
+        return shared_memory.SharedMemory(create=True, size=need)
+
+    def give_back(self, seg: shared_memory.SharedMemory) -> None:
+        with self._lock:
+            if self._closed:
+                _close_and_unlink(seg)
+                return
+            self._free.append(seg)
+            # Oldest first out, until the pool fits its budget.
+            while sum(s.size for s in self._free) > self.max_bytes:
+                _close_and_unlink(self._free.pop(0))
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+            self._closed = True
+        for seg in free:
+            _close_and_unlink(seg)
 
 
 class KvDestination(Protocol):
@@ -83,11 +131,10 @@ class _TcpDestination:
 
 
 class _ShmDestination:
-    def __init__(self, nbytes: int) -> None:
-        # A zero-size segment is refused by the OS; an empty transfer still needs a name.
-        shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
-        self._shm: shared_memory.SharedMemory | None = shm
-        self.shm_name: str | None = shm.name
+    def __init__(self, pool: SegmentPool, nbytes: int) -> None:
+        self._pool = pool
+        self._shm: shared_memory.SharedMemory | None = pool.acquire(nbytes)
+        self.shm_name: str | None = self._shm.name
 
     async def receive(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, ready: KvReady, layout: KvLayout
@@ -98,22 +145,48 @@ class _ShmDestination:
         if ready.nbytes > shm.size:
             raise WireError(f"prefill side wrote {ready.nbytes} bytes into a {shm.size}-byte segment")
         raw = torch.frombuffer(shm.buf, dtype=torch.uint8, count=ready.nbytes)
-        self._shm = None  # owned by the ReceivedKv from here on
-        return ReceivedKv(as_staging(raw, layout, ready.num_pages), ready.nbytes, shm)
+        self._shm = None  # owned by the ReceivedKv from here on; the writes are over
+        return ReceivedKv(as_staging(raw, layout, ready.num_pages), ready.nbytes, lambda: self._pool.give_back(shm))
 
     def discard(self) -> None:
         if self._shm is not None:
             shm, self._shm = self._shm, None
+            # The prefill side may still be writing into it: never reuse it.
             _close_and_unlink(shm)
 
 
-def open_destination(backend: TransferBackend, nbytes: int) -> KvDestination:
+def open_destination(backend: TransferBackend, nbytes: int, segments: SegmentPool | None = None) -> KvDestination:
     if backend is TransferBackend.SHM:
-        return _ShmDestination(nbytes)
+        return _ShmDestination(segments or SegmentPool(0), nbytes)
     return _TcpDestination()
 
 
 # --- the prefill side --------------------------------------------------------------------------
+
+
+def gather_into_segment(pool: KVPool, pages: Sequence[int], name: str) -> int:
+    """Copy ``pages`` straight from the pool into the decode side's segment ``name``.
+
+    The one-copy path of the shm backend, taken when the decode side is already waiting: no
+    staging tensor, no second copy. Raises ``OSError`` when the segment is gone or too small
+    (the caller then stages as usual). Returns the bytes written.
+    """
+    layout = layout_of(pool)
+    nbytes = len(pages) * layout.page_bytes()
+    with open(os.path.join(_DEV_SHM, name.lstrip("/")), "r+b") as f:
+        if os.fstat(f.fileno()).st_size < nbytes:
+            raise OSError(f"segment {name!r} holds fewer than {nbytes} bytes")
+        mm = mmap.mmap(f.fileno(), max(nbytes, 1))
+    try:
+        _gather_to(pool, pages, mm, nbytes)
+    finally:
+        mm.close()  # the tensors over it died with _gather_to's frame
+    return nbytes
+
+
+def _gather_to(pool: KVPool, pages: Sequence[int], buf: mmap.mmap, nbytes: int) -> None:
+    raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
+    gather_pages(pool, pages, out=as_staging(raw, layout_of(pool), len(pages)))
 
 
 def _write_shm(name: str, payload: memoryview) -> None:
