@@ -18,7 +18,6 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from itertools import repeat
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +31,20 @@ logger = logging.getLogger(__name__)
 class RequestShape:
     isl: int  # input tokens
     request_blocks: int  # KV blocks the request occupies (a partial tail block counts)
+
+
+@dataclass(frozen=True, slots=True)
+class CostInputs:
+    """Everything the costs of one request over its candidates depend on."""
+
+    candidates: Sequence[WorkerKey]
+    shape: RequestShape
+    overlaps: Mapping[WorkerKey, int]  # cached prefix blocks (indexer)
+    tree_sizes: Mapping[WorkerKey, int]  # cached blocks in all (the tie-break)
+    active_prefill: Mapping[WorkerKey, int]  # prefill tokens of the requests in flight
+    active_blocks: Mapping[WorkerKey, int]  # blocks of the requests in flight
+    already_active: Mapping[WorkerKey, int]  # request blocks already in flight there
+    overlap_score_weight: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,92 +74,62 @@ class KvScheduler:
         self.block_size = block_size
         self.rng = rng if rng is not None else random.Random()
 
-    def costs(
-        self,
-        candidates: Sequence[WorkerKey],
-        shape: RequestShape,
-        overlaps: Mapping[WorkerKey, int],
-        tree_sizes: Mapping[WorkerKey, int],
-        active_prefill: Mapping[WorkerKey, int],
-        active_blocks: Mapping[WorkerKey, int],
-        already_active: Mapping[WorkerKey, int],
-        overlap_score_weight: float,
-    ) -> list[WorkerCost]:
+    def costs(self, inputs: CostInputs) -> list[WorkerCost]:
         """Every candidate's cost terms (for inspection and the debug log)."""
         bs = self.block_size
+        shape = inputs.shape
+        overlaps, active_prefill = inputs.overlaps, inputs.active_prefill
+        active_blocks, already_active = inputs.active_blocks, inputs.already_active
         out: list[WorkerCost] = []
-        for key in candidates:
+        for key in inputs.candidates:
             ov = overlaps.get(key, 0)
             prefill = active_prefill.get(key, 0) + max(shape.isl - ov * bs, 0)
             decode = active_blocks.get(key, 0) + shape.request_blocks - already_active.get(key, 0)
-            logit = overlap_score_weight * prefill / bs + decode
-            out.append(WorkerCost(key[0], key[1], ov, prefill, decode, tree_sizes.get(key, 0), logit))
+            logit = inputs.overlap_score_weight * prefill / bs + decode
+            out.append(WorkerCost(key[0], key[1], ov, prefill, decode, inputs.tree_sizes.get(key, 0), logit))
         return out
 
-    def select(
-        self,
-        candidates: Sequence[WorkerKey],
-        shape: RequestShape,
-        overlaps: Mapping[WorkerKey, int],
-        tree_sizes: Mapping[WorkerKey, int],
-        active_prefill: Mapping[WorkerKey, int],
-        active_blocks: Mapping[WorkerKey, int],
-        already_active: Mapping[WorkerKey, int],
-        overlap_score_weight: float,
-        temperature: float,
-        base_load: dict[WorkerKey, float] | None = None,
-    ) -> Selection:
-        """Pick the cheapest candidate (or sample one when ``temperature`` > 0).
-
-        ``base_load``, when given, is ``{k: w * active_prefill[k] + active_blocks[k]}`` over exactly
-        ``candidates`` with ``w = overlap_score_weight / block_size``, kept up to date by the
-        caller; it is modified in place, so pass a copy.
-        """
-        if not candidates:
+    def select(self, inputs: CostInputs, temperature: float) -> Selection:
+        """Pick the cheapest candidate (or sample one when ``temperature`` > 0)."""
+        if not inputs.candidates:
             raise ValueError("no candidate workers")
         bs = self.block_size
-        isl = shape.isl
-        w = overlap_score_weight / bs
+        isl = inputs.shape.isl
+        weight = inputs.overlap_score_weight
+        w = weight / bs
         # logit_k = w * (active_prefill_k + isl - min(overlap_k * bs, isl))
         #           + active_blocks_k + request_blocks - already_active_k
         # Split into a per-worker load term, a per-request constant, and corrections for the
         # few workers that share a prefix with the request: the loop over every worker is then
         # one dict comprehension, and only matched workers cost Python-level work.
-        if base_load is None:
-            base = {k: w * active_prefill.get(k, 0) + active_blocks.get(k, 0) for k in candidates}
-        else:
-            base = base_load
+        active_prefill, active_blocks = inputs.active_prefill, inputs.active_blocks
+        base = {k: w * active_prefill.get(k, 0) + active_blocks.get(k, 0) for k in inputs.candidates}
         # overlap * block_size never exceeds isl (only full blocks match), so the prefill
         # correction is simply weight * overlap.
         get = base.get
-        for k, ov in overlaps.items():
+        for k, ov in inputs.overlaps.items():
             v = get(k)
             if v is not None:
-                base[k] = v - overlap_score_weight * ov
-        for k, n in already_active.items():
+                base[k] = v - weight * ov
+        for k, n in inputs.already_active.items():
             v = get(k)
             if v is not None:
                 base[k] = v - n
-        const = w * isl + shape.request_blocks
+        const = w * isl + inputs.shape.request_blocks
 
-        if temperature <= 0:
-            best = min(base.values())
-            # Equal costs can differ in the last bit depending on the order of float operations.
-            tol = 1e-9 * max(1.0, abs(best + const))
-            ties = [k for k, v in base.items() if v <= best + tol]
-            if len(ties) > 1:
-                sizes = list(map(tree_sizes.get, ties, repeat(0)))
-                smallest = min(sizes)
-                ties = [k for k, n in zip(ties, sizes) if n == smallest]
-            key = ties[0] if len(ties) == 1 else self.rng.choice(ties)
-        else:
-            keys = list(base)
-            key = keys[self._sample([v + const for v in base.values()], temperature)]
+        keys = list(base)
+        sizes = inputs.tree_sizes
+        i = self.pick(
+            np.fromiter(base.values(), dtype=np.float64, count=len(keys)),
+            const,
+            lambda ties: np.array([sizes.get(keys[j], 0) for j in ties]),
+            temperature,
+        )
+        key = keys[i]
         logit = base[key] + const
-        ov = overlaps.get(key, 0)
+        ov = inputs.overlaps.get(key, 0)
         if logger.isEnabledFor(logging.DEBUG):
-            self.log_costs(candidates, shape, overlaps, tree_sizes, active_prefill, active_blocks,
-                      already_active, overlap_score_weight, key)
+            self.log_costs(inputs, key)
         return Selection(key[0], key[1], ov, logit, max(isl - ov * bs, 0))
 
     def pick(
@@ -156,9 +139,9 @@ class KvScheduler:
         tree_sizes: Callable[[np.ndarray], np.ndarray],
         temperature: float,
     ) -> int:
-        """``select`` over a logit vector (``logits + const`` are the costs): the chosen position.
+        """The choice over a logit vector (``logits + const`` are the costs): the chosen position.
 
-        Same rule: with temperature 0 every minimum is a candidate, then fewest cached blocks
+        With temperature 0 every minimum is a candidate, then fewest cached blocks
         (``tree_sizes(positions)``), then uniformly at random; otherwise a softmax sample.
         """
         if not len(logits):
@@ -191,20 +174,8 @@ class KvScheduler:
                 return i
         return len(logits) - 1
 
-    def log_costs(
-        self,
-        candidates: Sequence[WorkerKey],
-        shape: RequestShape,
-        overlaps: Mapping[WorkerKey, int],
-        tree_sizes: Mapping[WorkerKey, int],
-        active_prefill: Mapping[WorkerKey, int],
-        active_blocks: Mapping[WorkerKey, int],
-        already_active: Mapping[WorkerKey, int],
-        weight: float,
-        chosen: WorkerKey,
-    ) -> None:
-        for c in self.costs(candidates, shape, overlaps, tree_sizes, active_prefill, active_blocks,
-                            already_active, weight):
+    def log_costs(self, inputs: CostInputs, chosen: WorkerKey) -> None:
+        for c in self.costs(inputs):
             logger.debug(
                 "formula for worker_id=%x dp_rank=%d with %d cached blocks (overlap %d): "
                 "logit = %.3g * prefill_blocks(%.3g) + decode_blocks(%d) = %.3f%s",
@@ -212,7 +183,7 @@ class KvScheduler:
                 c.dp_rank,
                 c.tree_size,
                 c.overlap_blocks,
-                weight,
+                inputs.overlap_score_weight,
                 c.prefill_tokens / self.block_size,
                 c.decode_blocks,
                 c.logit,

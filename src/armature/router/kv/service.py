@@ -40,7 +40,7 @@ from armature.router.kv.messages import (
     WorkerSnapshot,
 )
 from armature.router.kv.metrics import RouterMetrics
-from armature.router.kv.scheduler import KvScheduler, RequestShape, Selection, WorkerCost
+from armature.router.kv.scheduler import CostInputs, KvScheduler, RequestShape, Selection, WorkerCost
 from armature.router.kv.scheduler import logger as logger_kv_scheduler
 from armature.router.kv.slots import WorkerKey
 
@@ -131,11 +131,9 @@ class KvRouter:
         self._departed_set: set[int] = set()
         self._recoveries: dict[int, asyncio.Task[None]] = {}
         self._gaps_reported = 0
-        # Per registered candidate: w * active prefill tokens + active blocks, for the configured
-        # weight; kept current on every load change so a decision only copies it.
-        self._base_load: dict[WorkerKey, float] = {}
-        # The same loads as an array over ``_candidates``: the common decision (no pinning, no
-        # per-request weight) is then vector arithmetic over all workers.
+        # Per registered candidate, its ``_base_load`` as an array over ``_candidates``, kept
+        # current on every load change: the common decision (no pinning, no per-request weight)
+        # is then vector arithmetic over all workers.
         self._table = CandidateTable()
 
     # ------------------------------------------------------------------ workers
@@ -308,16 +306,8 @@ class KvRouter:
         """What each candidate's cost would be for this request (nothing is booked)."""
         local = compute_local_block_hashes(token_ids, self.block_size, lora_name)
         weight = self._weight(hints)
-        scores = self._match(local, weight)
         return self.scheduler.costs(
-            self._candidates,
-            RequestShape(len(token_ids), self.active.request_blocks(len(token_ids))),
-            scores.scores,
-            scores.tree_sizes,
-            self.active.prefill_tokens,
-            self.active.active_blocks,
-            self.active.already_active(local),
-            weight,
+            self._cost_inputs(self._candidates, local, len(token_ids), self._match(local, weight), weight)
         )
 
     def active_loads(self) -> list[ActiveLoad]:
@@ -341,6 +331,26 @@ class KvRouter:
                 raise ValueError(f"overlap_score_weight must be >= 0, got {hints.overlap_score_weight}")
             return hints.overlap_score_weight
         return self.config.overlap_score_weight
+
+    def _cost_inputs(
+        self,
+        candidates: Sequence[WorkerKey],
+        local: Sequence[int],
+        isl: int,
+        scores: OverlapScores,
+        weight: float,
+    ) -> CostInputs:
+        active = self.active
+        return CostInputs(
+            candidates,
+            RequestShape(isl, active.request_blocks(isl)),
+            scores.scores,
+            scores.tree_sizes,
+            active.prefill_tokens,
+            active.active_blocks,
+            active.already_active(local),
+            weight,
+        )
 
     def _match(self, local: Sequence[int], weight: float) -> OverlapScores:
         # Weight 0 means pure load balancing: skip the index walk (Dynamo runs no indexer then).
@@ -403,23 +413,12 @@ class KvRouter:
         if not candidates:
             raise NoWorkersError("no workers registered with the KV router")
 
-        active = self.active
         if candidates is self._candidates and weight == self.config.overlap_score_weight:
             sel, t2 = self._select_all(local, isl, weight, temperature)
         else:
             scores = self._match(local, weight)
             t2 = _ns()
-            sel = self.scheduler.select(
-                candidates,
-                RequestShape(isl, active.request_blocks(isl)),
-                scores.scores,
-                scores.tree_sizes,
-                active.prefill_tokens,
-                active.active_blocks,
-                active.already_active(local),
-                weight,
-                temperature,
-            )
+            sel = self.scheduler.select(self._cost_inputs(candidates, local, isl, scores, weight), temperature)
         t3 = _ns()
         key = (sel.worker_id, sel.dp_rank)
         if request_id is not None:
@@ -464,9 +463,7 @@ class KvRouter:
         ov = int(overlap[i])
         if logger_kv_scheduler.isEnabledFor(logging.DEBUG):
             scores = index.find_matches(local, frequencies=False)
-            self.scheduler.log_costs(keys, RequestShape(isl, request_blocks), scores.scores, scores.tree_sizes,
-                                active.prefill_tokens, active.active_blocks, active.already_active(local),
-                                weight, key)  # fmt: skip
+            self.scheduler.log_costs(self._cost_inputs(keys, local, isl, scores, weight), key)
         sel = Selection(key[0], key[1], ov, float(logits[i]) + const, max(isl - ov * self.block_size, 0))
         return sel, t2
 
@@ -535,20 +532,20 @@ class KvRouter:
 
     # ------------------------------------------------------------------ gauges
 
+    def _base_load(self, key: WorkerKey) -> float:
+        """The request-independent part of a candidate's logit at the configured weight."""
+        active = self.active
+        return (
+            self.config.overlap_score_weight / self.block_size * active.prefill_tokens.get(key, 0)
+            + active.active_blocks.get(key, 0)
+        )
+
     def _rebuild_base_load(self) -> None:
-        w = self.config.overlap_score_weight / self.block_size
-        ap, ab = self.active.prefill_tokens, self.active.active_blocks
-        self._base_load = {k: w * ap.get(k, 0) + ab.get(k, 0) for k in self._candidates}
-        self._table.reset(self._candidates, self._base_load.__getitem__)
+        self._table.reset(self._candidates, self._base_load)
 
     def _load_changed(self, key: WorkerKey) -> None:
         """The load of ``key`` changed: refresh the decision cache and the gauges."""
-        if key in self._base_load:
-            value = self._base_load[key] = (
-                self.config.overlap_score_weight / self.block_size * self.active.prefill_tokens.get(key, 0)
-                + self.active.active_blocks.get(key, 0)
-            )
-            self._table.set_base(key, value)
+        self._table.set_base(key, self._base_load(key))
         if self.metrics is not None:
             load = self.active.load_of(key)
             self.metrics.set_worker_load(key[0], key[1], load.active_blocks, load.active_prefill_tokens)
