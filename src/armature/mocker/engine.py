@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A step that starts up to this long after the previous simulated forward ended follows on from
-# its end: the wake-up and hand-off latency of the step loop is hidden, as an engine that
-# prepares the next batch while the GPU runs the current one hides it (it never runs faster
-# than the model: each forward still takes its full predicted time).
-_TIMER_SLACK_S = 0.001
+# its end. The step loop sleeps on the event loop's millisecond timer, so it wakes up to ~1 ms
+# late (or early, by rounding); following on keeps the model's pace over many steps. It never
+# runs faster than the model: each forward still takes its full predicted time after the last.
+_TIMER_SLACK_S = 0.0015
 _STOP_WAIT_S = 10.0
 
 
@@ -93,7 +93,6 @@ class MockerEngine(ThreadedEngine):
         self._wake: asyncio.Event | None = None
         self._driver_lock = threading.Lock()
         self._driver_done = threading.Event()
-        self._timer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mocker-timer")
         super().__init__(Scheduler(config, self.executor), sargs.kv_events(), "mocker")
         self.info = EngineInfo(
             model_path=sargs.model_path or "mocker",
@@ -193,13 +192,13 @@ class MockerEngine(ThreadedEngine):
             self._driver_done.set()
 
     async def _sleep_until(self, deadline: float) -> None:
+        # The event loop's own timer: it ticks in whole milliseconds (uvloop rounds a 0.57 ms
+        # decode step to 0 or 1 ms), but each forward follows on from where the previous one
+        # ended (``SimulatedExecutor.timer_slack_s``), so the pace over steps is the model's.
+        # A timer thread would be exact, at the price of a GIL hand-off per step that costs
+        # more than the rounding on a busy worker.
         delay = deadline - time.perf_counter()
-        if delay <= 0:
-            await asyncio.sleep(0)  # let the callers' tasks run before the next step
-        else:
-            # Event-loop timers tick in whole milliseconds (a 0.57 ms decode step would take 1);
-            # a thread's sleep is exact, and its wake-up is one hand-off per step.
-            await asyncio.wrap_future(self._timer.submit(time.sleep, delay))
+        await asyncio.sleep(delay if delay > 0 else 0)
 
     def shutdown_sync(self) -> None:
         loop = self._task_loop
@@ -217,7 +216,6 @@ class MockerEngine(ThreadedEngine):
             self._drain_commands()  # runs up to the "stop" just posted, which aborts what runs
         elif not self._driver_done.wait(_STOP_WAIT_S):
             log.warning("the mocker's step loop did not stop within %.0f s", _STOP_WAIT_S)
-        self._timer.shutdown(wait=False)
         if self.publisher is not None:
             self.publisher.close()
 
