@@ -64,118 +64,110 @@ class KvRouterConfig:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
+def _env(name: str | None, kind: type, default: object) -> object:
+    """``default``, or the value of the environment variable ``name`` when it is set."""
+    raw = None if name is None else os.environ.get(name)
     if raw is None:
         return default
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={raw!r} is not a boolean")
-
-
-def _env(name: str, cast: type, default: object) -> object:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={raw!r} is not a boolean")
     try:
-        return cast(raw)
+        return kind(raw)
     except ValueError as exc:
         raise ValueError(f"{name}={raw!r}: {exc}") from None
 
 
+_FROM_CONFIG = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Flag:
+    """One router flag: its names (Dynamo's first, then old aliases) and where it lands."""
+
+    names: tuple[str, ...]
+    dest: str  # the ``KvRouterConfig`` field it sets
+    kind: type  # int, float or bool
+    help: str
+    env: str | None = None  # environment variable that replaces the default
+    negatable: bool = True  # a bool flag has a --no- form (else it can only be switched on)
+    default: object = _FROM_CONFIG
+
+
+_FLAGS = (
+    _Flag(
+        ("--router-kv-overlap-score-weight", "--kv-overlap-score-weight"), "overlap_score_weight", float,
+        "weight of prefill blocks against decode blocks in the cost (0: no indexer, load only)",
+        env="DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT",
+    ),
+    _Flag(
+        ("--router-temperature",), "router_temperature", float,
+        "softmax temperature over normalised costs; 0 picks the cheapest worker",
+        env="DYN_ROUTER_TEMPERATURE",
+    ),
+    _Flag(
+        ("--router-kv-events", "--kv-events"), "use_kv_events", bool,
+        "index workers' KV events; --no-router-kv-events predicts caches from routing history",
+        env="DYN_ROUTER_USE_KV_EVENTS",
+    ),
+    _Flag(
+        ("--router-ttl-secs",), "router_ttl_secs", float,
+        "approximate mode: how long a routed block is assumed cached",
+    ),
+    _Flag(
+        ("--router-max-tree-size",), "router_max_tree_size", int,
+        "approximate mode: prune the index when it holds more blocks than this",
+    ),
+    _Flag(
+        ("--router-prune-target-ratio",), "router_prune_target_ratio", float,
+        "approximate mode: prune down to this fraction of --router-max-tree-size",
+    ),
+    _Flag(
+        ("--router-replica-sync",), "router_replica_sync", bool,
+        "share active-sequence changes with other router replicas over the event plane",
+        negatable=False,
+    ),
+    _Flag(
+        ("--router-reset-states",), "router_reset_states", bool,
+        "start from an empty index (Armature keeps no durable router state; always true)",
+        negatable=False,
+    ),
+    _Flag(
+        ("--router-track-active-blocks", "--track-active-blocks"), "router_track_active_blocks", bool,
+        "count routed requests' blocks as decode load (--no-track-active-blocks: prefill only)",
+    ),
+    _Flag(
+        ("--router-assume-kv-reuse",), "router_assume_kv_reuse", bool,
+        "blocks shared by active requests on a worker count once",
+    ),
+    # Not a config field: ``KvRouterConfig.from_args`` only warns about it.
+    _Flag(
+        ("--router-event-threads",), "router_event_threads", int,
+        "accepted for compatibility; the indexer applies events on one thread",
+        env="DYN_ROUTER_EVENT_THREADS", default=1,
+    ),
+    _Flag(
+        ("--kv-cache-block-size", "--router-block-size"), "kv_cache_block_size", int,
+        "tokens per KV block (default: the model card's)",
+        env="DYN_KV_CACHE_BLOCK_SIZE",
+    ),
+)
+
+
 def add_router_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the KV router flags (Dynamo's names, old aliases and env variables included)."""
-    d = KvRouterConfig()
+    config = KvRouterConfig()
     g = parser.add_argument_group("KV router")
-    g.add_argument(
-        "--router-kv-overlap-score-weight",
-        "--kv-overlap-score-weight",
-        dest="overlap_score_weight",
-        type=float,
-        default=_env("DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT", float, d.overlap_score_weight),
-        help="weight of prefill blocks against decode blocks in the cost (0: no indexer, load only)",
-    )
-    g.add_argument(
-        "--router-temperature",
-        dest="router_temperature",
-        type=float,
-        default=_env("DYN_ROUTER_TEMPERATURE", float, d.router_temperature),
-        help="softmax temperature over normalised costs; 0 picks the cheapest worker",
-    )
-    g.add_argument(
-        "--router-kv-events",
-        "--kv-events",
-        dest="use_kv_events",
-        action=argparse.BooleanOptionalAction,
-        default=_env_bool("DYN_ROUTER_USE_KV_EVENTS", d.use_kv_events),
-        help="index workers' KV events; --no-router-kv-events predicts caches from routing history",
-    )
-    g.add_argument(
-        "--router-ttl-secs",
-        dest="router_ttl_secs",
-        type=float,
-        default=d.router_ttl_secs,
-        help="approximate mode: how long a routed block is assumed cached",
-    )
-    g.add_argument(
-        "--router-max-tree-size",
-        dest="router_max_tree_size",
-        type=int,
-        default=d.router_max_tree_size,
-        help="approximate mode: prune the index when it holds more blocks than this",
-    )
-    g.add_argument(
-        "--router-prune-target-ratio",
-        dest="router_prune_target_ratio",
-        type=float,
-        default=d.router_prune_target_ratio,
-        help="approximate mode: prune down to this fraction of --router-max-tree-size",
-    )
-    g.add_argument(
-        "--router-replica-sync",
-        dest="router_replica_sync",
-        action="store_true",
-        default=d.router_replica_sync,
-        help="share active-sequence changes with other router replicas over the event plane",
-    )
-    g.add_argument(
-        "--router-reset-states",
-        dest="router_reset_states",
-        action="store_true",
-        default=d.router_reset_states,
-        help="start from an empty index (Armature keeps no durable router state; always true)",
-    )
-    g.add_argument(
-        "--router-track-active-blocks",
-        "--track-active-blocks",
-        dest="router_track_active_blocks",
-        action=argparse.BooleanOptionalAction,
-        default=d.router_track_active_blocks,
-        help="count routed requests' blocks as decode load (--no-track-active-blocks: prefill only)",
-    )
-    g.add_argument(
-        "--router-assume-kv-reuse",
-        dest="router_assume_kv_reuse",
-        action=argparse.BooleanOptionalAction,
-        default=d.router_assume_kv_reuse,
-        help="blocks shared by active requests on a worker count once",
-    )
-    g.add_argument(
-        "--router-event-threads",
-        dest="router_event_threads",
-        type=int,
-        default=_env("DYN_ROUTER_EVENT_THREADS", int, 1),
-        help="accepted for compatibility; the indexer applies events on one thread",
-    )
-    g.add_argument(
-        "--kv-cache-block-size",
-        "--router-block-size",
-        dest="kv_cache_block_size",
-        type=int,
-        default=_env("DYN_KV_CACHE_BLOCK_SIZE", int, d.kv_cache_block_size),
-        help="tokens per KV block (default: the model card's)",
-    )
+    for flag in _FLAGS:
+        default = getattr(config, flag.dest) if flag.default is _FROM_CONFIG else flag.default
+        default = _env(flag.env, flag.kind, default)
+        if flag.kind is not bool:
+            g.add_argument(*flag.names, dest=flag.dest, type=flag.kind, default=default, help=flag.help)
+        else:
+            action = argparse.BooleanOptionalAction if flag.negatable else "store_true"
+            g.add_argument(*flag.names, dest=flag.dest, action=action, default=default, help=flag.help)
     return parser
