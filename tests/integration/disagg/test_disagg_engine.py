@@ -83,8 +83,10 @@ async def test_disaggregated_greedy_matches_aggregated(
     assert prefill.disagg.server.open_rooms == 0
     stats = decode.scheduler.transfer_stats  # type: ignore[attr-defined]
     assert stats.transfers >= len(PROMPTS) and stats.failures == 0
-    # The decode side cached the received prompts: its prefix cache holds pages now.
+    # The decode side cached the received prompts: its prefix cache holds pages now. The prefill
+    # side kept its own cache: shared prefixes and repeated prompts were not recomputed.
     assert decode.load_metrics().kv_cached_blocks > 0
+    assert prefill.load_metrics().kv_cached_blocks > 0 and prefill.load_metrics().cache_hit_rate > 0
     direct = prefill.disagg.server.stats.direct_writes - direct_before
     if decode.disagg is not None and decode.disagg.config.transfer_backend is TransferBackend.SHM:
         # Decode sides wait before their prefill finishes: pages go straight into their segments.
