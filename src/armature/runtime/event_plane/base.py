@@ -9,15 +9,20 @@ that needs completeness (the KV router's index) can see a gap and ask for a resy
 from __future__ import annotations
 
 import abc
+import logging
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Generic, Self, TypeVar
 
 import msgspec
 
+log = logging.getLogger(__name__)
+
 EVENT_PROTOCOL_VERSION = 1
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 # Names become NATS subject tokens and discovery key parts: no dots, slashes, wildcards, spaces.
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -105,12 +110,32 @@ class EventScope:
         return f"v1/event_channels/{self.namespace}/{component}/{topic}/"
 
 
-class EventPublisher(abc.ABC):
+class EventEndpoint(abc.ABC):
+    """A publisher or a subscriber of one topic in one scope; also an async context manager."""
+
+    def __init__(self, scope: EventScope, topic: str) -> None:
+        self.scope = scope
+        self.topic = check_name("topic", topic)
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class EventPublisher(EventEndpoint):
     """Publishes payloads on one topic; numbers them 1, 2, 3, ..."""
 
     def __init__(self, scope: EventScope, topic: str, publisher_id: int | None = None) -> None:
-        self.scope = scope
-        self.topic = check_name("topic", topic)
+        super().__init__(scope, topic)
         self.publisher_id = publisher_id if publisher_id is not None else secrets.randbits(63) or 1
         self._sequence = 0
 
@@ -131,60 +156,101 @@ class EventPublisher(abc.ABC):
     async def start(self) -> None:
         """Bind/connect and become visible to subscribers; idempotent."""
 
-    @abc.abstractmethod
     async def publish(self, payload: bytes) -> int:
         """Send ``payload``; returns its sequence number."""
+        if not self.started:
+            raise EventPlaneError("publisher not started (or closed)")
+        envelope = self._next_envelope(payload)
+        await self._send(encode_envelope(envelope))
+        return envelope.sequence
+
+    @property
+    @abc.abstractmethod
+    def started(self) -> bool:
+        """``start`` has run and ``close`` has not."""
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
-
-    async def __aenter__(self) -> EventPublisher:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def _send(self, data: bytes) -> None:
+        """Put one encoded envelope on the wire."""
 
 
-class EventSubscriber(abc.ABC):
+class EventSubscriber(EventEndpoint):
     """Receives every publisher's events on one topic, as an async iterator of envelopes.
 
     Iteration ends after ``close()``.
     """
 
     def __init__(self, scope: EventScope, topic: str) -> None:
-        self.scope = scope
-        self.topic = check_name("topic", topic)
+        super().__init__(scope, topic)
+        self.rejected = 0  # events that failed to decode (logged and dropped)
 
     @abc.abstractmethod
     async def start(self) -> None:
         """Subscribe; idempotent. Events published before this returns may be missed."""
 
-    @abc.abstractmethod
-    def __aiter__(self) -> AsyncIterator[EventEnvelope]: ...
+    def __aiter__(self) -> AsyncIterator[EventEnvelope]:
+        return self._iterate()
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
+    def _iterate(self) -> AsyncIterator[EventEnvelope]: ...
 
-    async def __aenter__(self) -> EventSubscriber:
-        await self.start()
-        return self
+    def _decode(self, data: bytes, source: str) -> EventEnvelope | None:
+        """The envelope in ``data``; None (counted and logged) when it cannot be read."""
+        try:
+            return decode_envelope(data)
+        except EventPlaneError as exc:
+            self.rejected += 1
+            log.error("event subscriber %s: dropped an event: %s", source, exc)
+            return None
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+
+PublisherT = TypeVar("PublisherT", bound=EventPublisher)
+SubscriberT = TypeVar("SubscriberT", bound=EventSubscriber)
 
 
-class EventPlane(abc.ABC):
-    """Makes publishers and subscribers on one transport; one per process."""
+class EventPlane(abc.ABC, Generic[PublisherT, SubscriberT]):
+    """Makes publishers and subscribers on one transport; one per process.
+
+    The plane keeps every member it made, so ``close`` can close them all.
+    """
 
     name: str
 
-    @abc.abstractmethod
-    def publisher(self, scope: EventScope, topic: str, publisher_id: int | None = None) -> EventPublisher: ...
+    def __init__(self) -> None:
+        self._members: set[PublisherT | SubscriberT] = set()
+        self._closed = False
 
-    @abc.abstractmethod
-    def subscriber(self, scope: EventScope, topic: str) -> EventSubscriber: ...
+    def publisher(self, scope: EventScope, topic: str, publisher_id: int | None = None) -> PublisherT:
+        self._check_open()
+        pub = self._new_publisher(scope, topic, publisher_id)
+        self._members.add(pub)
+        return pub
 
-    @abc.abstractmethod
+    def subscriber(self, scope: EventScope, topic: str) -> SubscriberT:
+        self._check_open()
+        sub = self._new_subscriber(scope, topic)
+        self._members.add(sub)
+        return sub
+
     async def close(self) -> None:
-        """Close every publisher and subscriber made by this plane."""
+        """Close every publisher and subscriber made by this plane, then the transport."""
+        if self._closed:
+            return
+        # Closed first, so nothing made while the members close escapes being closed.
+        self._closed = True
+        for member in list(self._members):
+            await member.close()
+        await self._close_transport()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EventPlaneError("event plane is closed")
+
+    @abc.abstractmethod
+    def _new_publisher(self, scope: EventScope, topic: str, publisher_id: int | None) -> PublisherT: ...
+
+    @abc.abstractmethod
+    def _new_subscriber(self, scope: EventScope, topic: str) -> SubscriberT: ...
+
+    @abc.abstractmethod
+    async def _close_transport(self) -> None: ...

@@ -12,11 +12,10 @@ import os
 from collections.abc import Mapping
 
 from armature.runtime.discovery.base import KeyValueStore
-from armature.runtime.event_plane.base import EventPlane
+from armature.runtime.event_plane.base import DEFAULT_NATS_URL, EventPlane
 
 EVENT_PLANES = ("zmq", "nats")
 DEFAULT_EVENT_PLANE = "zmq"
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def event_plane_name(kind: str | None = None, env: Mapping[str, str] | None = None) -> str:

@@ -19,45 +19,37 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.subscription import Subscription
 
 from armature.runtime.event_plane.base import (
+    DEFAULT_NATS_URL,
     EventEnvelope,
     EventPlane,
     EventPlaneError,
     EventPublisher,
     EventScope,
     EventSubscriber,
-    decode_envelope,
-    encode_envelope,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+__all__ = ["DEFAULT_NATS_URL", "NatsEventPlane", "NatsEventPublisher", "NatsEventSubscriber"]
 # A subscriber this far behind is a slow consumer; NATS then drops for it (and logs).
 PENDING_MSGS_LIMIT = 100_000
 
 
-class NatsEventPlane(EventPlane):
+class NatsEventPlane(EventPlane["NatsEventPublisher", "NatsEventSubscriber"]):
     name = "nats"
 
     def __init__(self, url: str = DEFAULT_NATS_URL, *, connect_timeout_s: float = 5.0) -> None:
+        super().__init__()
         self.url = url
         self._connect_timeout_s = connect_timeout_s
         self._nc: NatsConnection | None = None
         self._connect_lock = asyncio.Lock()
-        self._members: set[NatsEventPublisher | NatsEventSubscriber] = set()
-        self._closed = False
 
-    def publisher(self, scope: EventScope, topic: str, publisher_id: int | None = None) -> NatsEventPublisher:
-        self._check_open()
-        pub = NatsEventPublisher(self, scope, topic, publisher_id)
-        self._members.add(pub)
-        return pub
+    def _new_publisher(self, scope: EventScope, topic: str, publisher_id: int | None) -> NatsEventPublisher:
+        return NatsEventPublisher(self, scope, topic, publisher_id)
 
-    def subscriber(self, scope: EventScope, topic: str) -> NatsEventSubscriber:
-        self._check_open()
-        sub = NatsEventSubscriber(self, scope, topic)
-        self._members.add(sub)
-        return sub
+    def _new_subscriber(self, scope: EventScope, topic: str) -> NatsEventSubscriber:
+        return NatsEventSubscriber(self, scope, topic)
 
     async def connection(self) -> NatsConnection:
         self._check_open()
@@ -98,19 +90,10 @@ class NatsEventPlane(EventPlane):
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             raise EventPlaneError(f"cannot reach NATS at {self.url}: {exc or type(exc).__name__}") from exc
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        for member in list(self._members):
-            await member.close()
-        self._closed = True
+    async def _close_transport(self) -> None:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EventPlaneError("event plane is closed")
 
 
 class NatsEventPublisher(EventPublisher):
@@ -124,15 +107,16 @@ class NatsEventPublisher(EventPublisher):
         if self._nc is None:
             self._nc = await self._plane.connection()
 
-    async def publish(self, payload: bytes) -> int:
-        if self._nc is None:
-            raise EventPlaneError("publisher not started (or closed)")
-        envelope = self._next_envelope(payload)
+    @property
+    def started(self) -> bool:
+        return self._nc is not None
+
+    async def _send(self, data: bytes) -> None:
+        assert self._nc is not None
         try:
-            await self._nc.publish(self.subject, encode_envelope(envelope))
+            await self._nc.publish(self.subject, data)
         except nats.errors.Error as exc:  # closed connection, or the pending buffer is full
             raise EventPlaneError(f"publish on {self.subject} failed: {exc}") from exc
-        return envelope.sequence
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
@@ -148,7 +132,6 @@ class NatsEventSubscriber(EventSubscriber):
         self._plane = plane
         self.subject = scope.subject(topic)
         self._sub: Subscription | None = None
-        self.rejected = 0
 
     async def start(self) -> None:
         if self._sub is not None:
@@ -159,21 +142,14 @@ class NatsEventSubscriber(EventSubscriber):
         with contextlib.suppress(Exception):
             await nc.flush(timeout=5)
 
-    def __aiter__(self) -> AsyncIterator[EventEnvelope]:
-        return self._iterate()
-
     async def _iterate(self) -> AsyncIterator[EventEnvelope]:
         if self._sub is None:
             raise EventPlaneError("subscriber not started")
         try:
             async for msg in self._sub.messages:
-                try:
-                    envelope = decode_envelope(msg.data)
-                except EventPlaneError as exc:
-                    self.rejected += 1
-                    log.error("event subscriber %s: dropped an event: %s", self.subject, exc)
-                    continue
-                yield envelope
+                envelope = self._decode(msg.data, self.subject)
+                if envelope is not None:
+                    yield envelope
         except nats.errors.Error:
             return  # the subscription was closed
 

@@ -30,8 +30,6 @@ from armature.runtime.event_plane.base import (
     EventPublisher,
     EventScope,
     EventSubscriber,
-    decode_envelope,
-    encode_envelope,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +49,7 @@ _record_encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(ChannelRecord)
 
 
-class ZmqEventPlane(EventPlane):
+class ZmqEventPlane(EventPlane["ZmqEventPublisher", "ZmqEventSubscriber"]):
     """ZMQ publishers/subscribers that find each other through ``discovery``."""
 
     name = "zmq"
@@ -67,6 +65,7 @@ class ZmqEventPlane(EventPlane):
     ) -> None:
         if host in ("0.0.0.0", "::", "*") and not advertise_host:
             raise ValueError(f"binding the event plane to {host} needs an advertise_host that peers can reach")
+        super().__init__()
         self.discovery = discovery
         self.host = host
         self.advertise_host = advertise_host or host
@@ -75,20 +74,12 @@ class ZmqEventPlane(EventPlane):
         self._own_lease = False
         self._lease_lock = asyncio.Lock()
         self._ctx = zmq.asyncio.Context()
-        self._members: set[ZmqEventPublisher | ZmqEventSubscriber] = set()
-        self._closed = False
 
-    def publisher(self, scope: EventScope, topic: str, publisher_id: int | None = None) -> ZmqEventPublisher:
-        self._check_open()
-        pub = ZmqEventPublisher(self, scope, topic, publisher_id)
-        self._members.add(pub)
-        return pub
+    def _new_publisher(self, scope: EventScope, topic: str, publisher_id: int | None) -> ZmqEventPublisher:
+        return ZmqEventPublisher(self, scope, topic, publisher_id)
 
-    def subscriber(self, scope: EventScope, topic: str) -> ZmqEventSubscriber:
-        self._check_open()
-        sub = ZmqEventSubscriber(self, scope, topic)
-        self._members.add(sub)
-        return sub
+    def _new_subscriber(self, scope: EventScope, topic: str) -> ZmqEventSubscriber:
+        return ZmqEventSubscriber(self, scope, topic)
 
     async def lease(self) -> int:
         """The lease publishers register on: the runtime's, or one of our own."""
@@ -99,20 +90,11 @@ class ZmqEventPlane(EventPlane):
                 self._own_lease = True
             return self._lease_id
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for member in list(self._members):
-            await member.close()
+    async def _close_transport(self) -> None:
         if self._own_lease and self._lease_id is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.revoke_lease(self._lease_id)
         self._ctx.term()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EventPlaneError("event plane is closed")
 
 
 class ZmqEventPublisher(EventPublisher):
@@ -147,13 +129,14 @@ class ZmqEventPublisher(EventPublisher):
         await self._plane.discovery.put(self.key, _record_encoder.encode(record), await self._plane.lease())
         log.debug("event publisher %x on %s: %s", self.publisher_id, self.key, self.address)
 
-    async def publish(self, payload: bytes) -> int:
-        if self._socket is None:
-            raise EventPlaneError("publisher not started (or closed)")
-        envelope = self._next_envelope(payload)
+    @property
+    def started(self) -> bool:
+        return self._socket is not None
+
+    async def _send(self, data: bytes) -> None:
+        assert self._socket is not None
         # PUB never blocks: at the high-water mark ZMQ drops for that subscriber only.
-        await self._socket.send_multipart((self._topic_frame, encode_envelope(envelope)))
-        return envelope.sequence
+        await self._socket.send_multipart((self._topic_frame, data))
 
     async def close(self) -> None:
         sock, self._socket = self._socket, None
@@ -175,7 +158,6 @@ class ZmqEventSubscriber(EventSubscriber):
         self._watch_task: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self._first_sync = asyncio.Event()
-        self.rejected = 0  # envelopes that failed to decode (logged)
 
     @property
     def publishers(self) -> dict[str, str]:
@@ -244,9 +226,6 @@ class ZmqEventSubscriber(EventSubscriber):
             with contextlib.suppress(zmq.ZMQError):
                 self._socket.disconnect(address)
 
-    def __aiter__(self) -> AsyncIterator[EventEnvelope]:
-        return self._iterate()
-
     async def _iterate(self) -> AsyncIterator[EventEnvelope]:
         if self._socket is None or self._closed is None:
             raise EventPlaneError("subscriber not started")
@@ -267,13 +246,9 @@ class ZmqEventSubscriber(EventSubscriber):
                 self.rejected += 1
                 log.error("event subscriber %s: dropped a message of %d frames", self.topic, len(frames))
                 continue
-            try:
-                envelope = decode_envelope(frames[1])
-            except EventPlaneError as exc:
-                self.rejected += 1
-                log.error("event subscriber %s: dropped an event: %s", self.topic, exc)
-                continue
-            yield envelope
+            envelope = self._decode(frames[1], self.topic)
+            if envelope is not None:
+                yield envelope
 
     async def close(self) -> None:
         sock, self._socket = self._socket, None
