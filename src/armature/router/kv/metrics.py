@@ -61,22 +61,16 @@ class RouterMetrics:
             _RATIO_BUCKETS,
             registry,
         )
-        self.overhead_hashing_ms = DecisionHistogram(
-            f"{prefix}_overhead_hashing_ms", "Block hashing time per decision (ms)",
-            _OVERHEAD_BUCKETS_MS, registry,
-        )
-        self.overhead_find_matches_ms = DecisionHistogram(
-            f"{prefix}_overhead_find_matches_ms", "Indexer match time per decision (ms)",
-            _OVERHEAD_BUCKETS_MS, registry,
-        )
-        self.overhead_scheduling_ms = DecisionHistogram(
-            f"{prefix}_overhead_scheduling_ms", "Cost and selection time per decision (ms)",
-            _OVERHEAD_BUCKETS_MS, registry,
-        )
-        self.overhead_total_ms = DecisionHistogram(
-            f"{prefix}_overhead_total_ms", "Whole routing decision time (ms)",
-            _OVERHEAD_BUCKETS_MS, registry,
-        )
+
+        def overhead(phase: str, documentation: str) -> DecisionHistogram:
+            name = f"{prefix}_overhead_{phase}_ms"
+            return DecisionHistogram(name, documentation, _OVERHEAD_BUCKETS_MS, registry)
+
+        self.overhead_hashing_ms = overhead("hashing", "Block hashing time per decision (ms)")
+        self.overhead_find_matches_ms = overhead("find_matches", "Indexer match time per decision (ms)")
+        self.overhead_scheduling_ms = overhead("scheduling", "Cost and selection time per decision (ms)")
+        self.overhead_total_ms = overhead("total", "Whole routing decision time (ms)")
+
         self.kv_events_applied = Counter(
             f"{prefix}_kv_events_applied_total", "KV events received from workers",
             ["event_type"], registry=registry,
@@ -88,18 +82,20 @@ class RouterMetrics:
             f"{prefix}_kv_recoveries_total", "Recoveries from workers' local indexers",
             ["kind", "outcome"], registry=registry,
         )
-        self.worker_active_decode_blocks = Gauge(
-            f"{prefix}_worker_active_decode_blocks", "KV blocks of requests this router has active",
-            ["worker_id", "dp_rank"], registry=registry,
+
+        def per_worker(name: str, documentation: str) -> Gauge:
+            return Gauge(f"{prefix}_{name}", documentation, ["worker_id", "dp_rank"], registry=registry)
+
+        self.worker_active_decode_blocks = per_worker(
+            "worker_active_decode_blocks", "KV blocks of requests this router has active"
         )
-        self.worker_active_prefill_tokens = Gauge(
-            f"{prefix}_worker_active_prefill_tokens", "Prefill tokens this router still expects",
-            ["worker_id", "dp_rank"], registry=registry,
+        self.worker_active_prefill_tokens = per_worker(
+            "worker_active_prefill_tokens", "Prefill tokens this router still expects"
         )
-        self.worker_cached_blocks = Gauge(
-            f"{prefix}_worker_cached_blocks", "KV blocks the index says the worker holds",
-            ["worker_id", "dp_rank"], registry=registry,
+        self.worker_cached_blocks = per_worker(
+            "worker_cached_blocks", "KV blocks the index says the worker holds"
         )
+
         self.event_types = {
             name: self.kv_events_applied.labels(event_type=name) for name in ("stored", "removed", "cleared")
         }
