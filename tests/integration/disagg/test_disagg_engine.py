@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from disagg_pair import (
     ENGINE_KW,
+    bootstrap_of,
     decode_engine,
+    greedy,
     prefill_engine,
     prompts,
     run_aggregated,
@@ -17,9 +19,10 @@ from disagg_pair import (
     settled,
 )
 
-from armature.engine.api import EngineFinishReason
+from armature.engine.api import EngineFinishReason, GenerateOutput, GenerateRequest
 from armature.engine.disagg import TransferBackend
 from armature.engine.engine import NativeEngine
+from armature.protocols.llm import BootstrapInfo
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +96,28 @@ async def test_disaggregated_greedy_matches_aggregated(
         assert direct > 0
     else:
         assert direct == 0
+
+
+async def test_first_token_and_prompt_logprobs_come_from_the_prefill(
+    prefill: NativeEngine, decode: NativeEngine, aggregated: NativeEngine
+) -> None:
+    ids = PROMPTS[5]
+
+    def req(rid: str, max_new: int, boot: BootstrapInfo | None) -> GenerateRequest:
+        return GenerateRequest(rid=rid, input_ids=ids, sampling=greedy(max_new), return_logprob=True,
+                               top_logprobs_num=2, logprob_start_len=0, bootstrap=boot)  # fmt: skip
+
+    async def collect(eng: NativeEngine, r: GenerateRequest) -> list[GenerateOutput]:
+        return [o async for o in eng.generate_stream(r)]
+
+    ref = await collect(aggregated, req("lp-agg", 4, None))
+    boot = bootstrap_of(prefill)
+    _, got = await asyncio.gather(collect(prefill, req("lp-p", 1, boot)), collect(decode, req("lp-d", 4, boot)))
+    assert [t for o in got for t in o.token_ids] == [t for o in ref for t in o.token_ids]
+    lp_ref = [x for o in ref for x in (o.logprobs or [])]
+    lp_got = [x for o in got for x in (o.logprobs or [])]
+    assert lp_got == pytest.approx(lp_ref, abs=1e-4)
+    assert got[0].input_logprobs is not None and ref[0].input_logprobs is not None
+    assert got[0].input_logprobs[0] is None and len(got[0].input_logprobs) == len(ids)
+    assert got[0].input_logprobs[1:] == pytest.approx(ref[0].input_logprobs[1:], abs=1e-4)
+    assert got[0].input_top_logprobs is not None and len(got[0].input_top_logprobs[1]) == 2

@@ -59,6 +59,8 @@ class StagedKv:
     cached_tokens: int
     staged_at: float
     in_segment: str | None = None
+    input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(eq=False)
@@ -312,6 +314,8 @@ class BootstrapServer:
             top_logprobs=staged.top_logprobs,
             cached_tokens=staged.cached_tokens,
             staged_at=staged.staged_at,
+            input_logprobs=staged.input_logprobs,
+            input_top_logprobs=staged.input_top_logprobs,
         )
         if staged.in_segment is not None:
             if staged.in_segment != pull.shm_name:

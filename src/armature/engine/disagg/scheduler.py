@@ -199,6 +199,8 @@ class DisaggScheduler(Scheduler):
                 top_logprobs=[(int(t), float(lp)) for t, lp in top] if top is not None else None,
                 cached_tokens=max(0, r.cached_tokens),
                 staged_at=staged_at,
+                input_logprobs=r.input_logprobs,
+                input_top_logprobs=r.input_top_logprobs,
             ),
         )
 
@@ -254,6 +256,12 @@ class DisaggScheduler(Scheduler):
         st.total_s += total
         st.recent.append((kv.nbytes, result.wire_s, total))
         self._start_running(r, t.pages, ready.cached_tokens)
+        if r.input_logprobs is not None and ready.input_logprobs is not None:
+            # Prompt logprobs were computed by the prefill side; the first output carries them.
+            r.input_logprobs = list(ready.input_logprobs)
+            if r.input_top_logprobs is not None and ready.input_top_logprobs is not None:
+                rows = ready.input_top_logprobs
+                r.input_top_logprobs = [[(int(t), float(lp)) for t, lp in row] for row in rows]
         if r.sampling.max_new_tokens == 0:
             r.finish_reason = EngineFinishReason.LENGTH
         else:

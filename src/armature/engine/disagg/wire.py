@@ -16,7 +16,8 @@ import struct
 import msgspec
 
 PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 1 << 20
+# Control frames only (KV bytes never travel in a frame); prompt logprobs can make one large.
+MAX_FRAME_BYTES = 64 << 20
 _LEN = struct.Struct(">I")
 
 
@@ -56,6 +57,9 @@ class KvReady(msgspec.Struct, tag="ready", kw_only=True):
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     cached_tokens: int = 0
+    # Prompt logprobs, when the request asked for them (the prefill side computed them).
+    input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
     # Wall clock (time.time()) when the prefill engine began staging the KV: the decode side
     # measures the transfer from here to the moment the pages are in its pool.
     staged_at: float = 0.0
