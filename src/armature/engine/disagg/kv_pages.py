@@ -41,7 +41,9 @@ def gather_pages(pool: KVPool, pages: Sequence[int], out: torch.Tensor | None = 
     if out is None:
         out = torch.empty(shape, dtype=pool.shape.dtype, device="cpu")
     elif tuple(out.shape) != shape or out.dtype != pool.shape.dtype:
-        raise ValueError(f"gather target is {tuple(out.shape)} {out.dtype}, the pages need {shape} {pool.shape.dtype}")
+        raise ValueError(
+            f"gather target is {tuple(out.shape)} {out.dtype}, the pages need {shape} {pool.shape.dtype}"
+        )
     idx = torch.tensor(list(pages), dtype=torch.int64, device=pool.shape.device)
     on_cpu = pool.shape.device.type == "cpu"
     for kind, buffers in enumerate((pool.k_buffer, pool.v_buffer)):

@@ -146,7 +146,8 @@ class _ShmDestination:
             raise WireError(f"prefill side wrote {ready.nbytes} bytes into a {shm.size}-byte segment")
         raw = torch.frombuffer(shm.buf, dtype=torch.uint8, count=ready.nbytes)
         self._shm = None  # owned by the ReceivedKv from here on; the writes are over
-        return ReceivedKv(as_staging(raw, layout, ready.num_pages), ready.nbytes, lambda: self._pool.give_back(shm))
+        staged = as_staging(raw, layout, ready.num_pages)
+        return ReceivedKv(staged, ready.nbytes, lambda: self._pool.give_back(shm))
 
     def discard(self) -> None:
         if self._shm is not None:
@@ -155,7 +156,9 @@ class _ShmDestination:
             _close_and_unlink(shm)
 
 
-def open_destination(backend: TransferBackend, nbytes: int, segments: SegmentPool | None = None) -> KvDestination:
+def open_destination(
+    backend: TransferBackend, nbytes: int, segments: SegmentPool | None = None
+) -> KvDestination:
     if backend is TransferBackend.SHM:
         return _ShmDestination(segments or SegmentPool(0), nbytes)
     return _TcpDestination()
