@@ -34,10 +34,7 @@ class LocalKvIndexer:
             worker_id=self.worker_id,
             event=KvCacheEvent(event_id=self._next_id, data=data, dp_rank=dp_rank),
         )
-        self._next_id += 1
-        gap = self.index.apply_event(event)
-        assert gap is None  # ids are assigned here, consecutively
-        self._log.append(event)
+        self.append(event)
         return event
 
     def append(self, event: RouterEvent) -> None:

@@ -149,13 +149,11 @@ class KvRouter:
         """Make a worker a routing candidate (all its dp ranks)."""
         if dp_size <= 0:
             raise ValueError(f"dp_size must be positive, got {dp_size}")
-        if worker_id in self._departed_set:
-            self._departed_set.discard(worker_id)
+        self._departed_set.discard(worker_id)
         self._workers[worker_id] = dp_size
         for dp in range(dp_size):
             self.active.ensure_worker((worker_id, dp))
-        self._candidates = [(w, dp) for w, n in sorted(self._workers.items()) for dp in range(n)]
-        self._rebuild_base_load()
+        self._rebuild_candidates()
 
     async def add_worker(self, worker_id: int, dp_size: int = 1) -> None:
         """Register a newly discovered worker and load its full KV state from its local indexer."""
@@ -167,7 +165,6 @@ class KvRouter:
     def remove_worker(self, worker_id: int) -> None:
         """A worker left discovery: forget its blocks and the requests routed to it."""
         dp_size = self._workers.pop(worker_id, 1)
-        self._candidates = [(w, dp) for w, n in sorted(self._workers.items()) for dp in range(n)]
         if len(self._departed) == self._departed.maxlen:
             self._departed_set.discard(self._departed[0])
         self._departed.append(worker_id)
@@ -180,7 +177,7 @@ class KvRouter:
         if self.approx is not None:
             self.approx.remove_worker(worker_id)
         dropped = self.active.remove_worker(worker_id)
-        self._rebuild_base_load()
+        self._rebuild_candidates()
         if self.metrics is not None:
             self.metrics.remove_worker(worker_id, list(range(dp_size)))
         logger.info("worker %x removed from the KV router (%d active requests dropped)", worker_id, dropped)
@@ -540,7 +537,9 @@ class KvRouter:
             + active.active_blocks.get(key, 0)
         )
 
-    def _rebuild_base_load(self) -> None:
+    def _rebuild_candidates(self) -> None:
+        """Every (worker, dp_rank) of the registered workers, and their loads as a table."""
+        self._candidates = [(w, dp) for w, n in sorted(self._workers.items()) for dp in range(n)]
         self._table.reset(self._candidates, self._base_load)
 
     def _load_changed(self, key: WorkerKey) -> None:
