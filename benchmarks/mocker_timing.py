@@ -17,6 +17,8 @@ import random
 import statistics
 import sys
 import time
+
+import uvloop
 from pathlib import Path
 
 from armature.engine.api import GenerateRequest, SamplingParams
@@ -74,7 +76,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "mocker_timing.json")
     args = ap.parse_args()
-    res = asyncio.run(run(args.requests, args.speedup, args.seed))
+    res = uvloop.run(run(args.requests, args.speedup, args.seed))
     print(f"{'metric':28} {'value':>12}")
     for k in ("requests", "steps", "peak_batch", "zero_predicted_steps", "zero_predicted_measured_ms_median",
               "overhead_ms_median", "wall_s", "predicted_total_s", "measured_total_s",

@@ -434,7 +434,9 @@ class Scheduler:
         keep: set[int] = set()
         # Requests in the middle of a chunked prefill go first (their pages are already held).
         for r in list(self.running):
-            if r.status is not ReqStatus.RUNNING or r.pending <= 1 or budget <= 0:
+            if budget <= 0:
+                break
+            if r.status is not ReqStatus.RUNNING or len(r.input_ids) + len(r.output_ids) - r.kv_len <= 1:
                 continue
             n = self._chunk(r, budget, not seqs)
             if n <= 0:
@@ -495,22 +497,32 @@ class Scheduler:
         return ScheduledSeq(r, r.kv_len, n, sample=end == r.fill_len, prompt_logprobs=want_lp)
 
     def _schedule_decode(self, exclude: set[int]) -> list[ScheduledSeq]:
-        reqs = [r for r in self.running if r.pending == 1 and id(r) not in exclude]
-        while reqs:
-            need = sum(1 for r in reqs if self._pages_for(r, r.fill_len) > 0)
-            if self._available() >= need:
-                break
+        # One pass over the running requests (this runs every step for every decoding request):
+        # those with exactly one pending token, and whether that token starts a new page.
+        page = self.page_size
+        reqs: list[Req] = []
+        grows: list[bool] = []
+        for r in self.running:
+            fill = len(r.input_ids) + len(r.output_ids)
+            if fill - r.kv_len != 1 or (exclude and id(r) in exclude):
+                continue
+            reqs.append(r)
+            grows.append(-(-fill // page) > len(r.pages))
+        need = sum(grows)
+        while reqs and self._available() < need:
             # Out of pages: retract the youngest running request (never one of this step's
             # prefills) and try again; it is recomputed later from its tokens, never lost.
             victims = [r for r in self.running if id(r) not in exclude]
             victim = max(victims, key=lambda r: r.admit_seq)
             self._retract(victim)
-            reqs = [r for r in reqs if r is not victim]
+            kept = [(r, g) for r, g in zip(reqs, grows) if r is not victim]
+            reqs, grows = [r for r, _ in kept], [g for _, g in kept]
+            need = sum(grows)
         seqs = []
-        for r in reqs:
-            if self._pages_for(r, r.fill_len) > 0:
+        for r, grow in zip(reqs, grows):
+            if grow:
                 r.pages.extend(self._alloc(1))
-            seqs.append(ScheduledSeq(r, r.kv_len, 1, sample=True, prompt_logprobs=False))
+            seqs.append(ScheduledSeq(r, r.kv_len, 1, True, False))
         if seqs:
             self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         return seqs
@@ -564,7 +576,7 @@ class Scheduler:
         if tok in r.stop_ids and len(r.output_ids) >= p.min_new_tokens:
             r.finish_reason = EngineFinishReason.STOP
             r.matched_stop = tok
-        elif len(r.output_ids) >= p.max_new_tokens or r.fill_len >= self.config.context_length:
+        elif len(r.output_ids) >= p.max_new_tokens or len(r.input_ids) + len(r.output_ids) >= self.config.context_length:
             r.finish_reason = EngineFinishReason.LENGTH
 
     def _store_prompt_logprobs(self, r: Req, seq: ScheduledSeq, res: SeqResult) -> None:

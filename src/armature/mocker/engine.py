@@ -25,10 +25,13 @@ T = TypeVar("T")
 
 # A step that starts up to this long after the previous simulated forward ended follows on from
 # its end. The step loop sleeps on the event loop's millisecond timer, so it wakes up to ~1 ms
-# late (or early, by rounding); following on keeps the model's pace over many steps. It never
-# runs faster than the model: each forward still takes its full predicted time after the last.
-_TIMER_SLACK_S = 0.0015
+# late; following on keeps the model's pace over many steps. It never runs faster than the
+# model: each forward still takes its full predicted time after the previous one, and never
+# starts before the newest request reached the engine.
+_TIMER_SLACK_S = 0.002
 _STOP_WAIT_S = 10.0
+# Steps of at most this many requests sleep on an exact timer thread; larger ones on the loop.
+_EXACT_TIMER_MAX_BATCH = 4
 
 
 def _model_facts(model_path: str | None, args: MockerArgs) -> tuple[int, list[int], int | None, int]:
@@ -93,6 +96,7 @@ class MockerEngine(ThreadedEngine):
         self._wake: asyncio.Event | None = None
         self._driver_lock = threading.Lock()
         self._driver_done = threading.Event()
+        self._timer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mocker-timer")
         super().__init__(Scheduler(config, self.executor), sargs.kv_events(), "mocker")
         self.info = EngineInfo(
             model_path=sargs.model_path or "mocker",
@@ -137,6 +141,10 @@ class MockerEngine(ThreadedEngine):
             self._task = loop.create_task(self._drive(), name="mocker-step-loop")
 
     def _post(self, cmd: tuple[Any, ...]) -> None:
+        if cmd[0] == "submit":
+            # A simulated forward never starts before its newest request arrived (a plain float
+            # store: atomic under the GIL, read by the step loop).
+            self.executor.not_before = time.perf_counter()
         self._cmds.put(cmd)
         self._ensure_driver()
         loop, wake = self._task_loop, self._wake
@@ -180,7 +188,7 @@ class MockerEngine(ThreadedEngine):
                 if self.scheduler.has_work and not self._paused:
                     outputs: list[GenerateOutput] = self._run_step()
                     try:
-                        await self._sleep_until(self.executor.deadline)
+                        await self._sleep_until(self.executor.deadline, self.executor.batch_size)
                     finally:  # even when cancelled: what the step produced reaches its callers
                         self.executor.forward_done()
                         self._emit(outputs)
@@ -191,14 +199,21 @@ class MockerEngine(ThreadedEngine):
         finally:
             self._driver_done.set()
 
-    async def _sleep_until(self, deadline: float) -> None:
-        # The event loop's own timer: it ticks in whole milliseconds (uvloop rounds a 0.57 ms
-        # decode step to 0 or 1 ms), but each forward follows on from where the previous one
-        # ended (``SimulatedExecutor.timer_slack_s``), so the pace over steps is the model's.
-        # A timer thread would be exact, at the price of a GIL hand-off per step that costs
-        # more than the rounding on a busy worker.
+    async def _sleep_until(self, deadline: float, batch_size: int) -> None:
         delay = deadline - time.perf_counter()
-        await asyncio.sleep(delay if delay > 0 else 0)
+        if delay <= 0:
+            await asyncio.sleep(0)  # let the callers' tasks run before the next step
+        elif batch_size <= _EXACT_TIMER_MAX_BATCH:
+            # Few requests: latency is what is measured and the loop is quiet, so sleep exactly
+            # on the timer thread (a 1.72 ms prefill on the loop's timer takes 2 ms).
+            await asyncio.wrap_future(self._timer.submit(time.sleep, delay))
+        else:
+            # Many requests: the loop is busy, a timer thread's wake-up would wait for the GIL,
+            # so use the loop's own millisecond timer; its rounding averages out because each
+            # forward follows on from the previous one (``SimulatedExecutor.timer_slack_s``).
+            # uvloop rounds to the nearest millisecond: half a tick more makes that a ceiling,
+            # so no output goes out before its forward has ended.
+            await asyncio.sleep(delay + 0.0005)
 
     def shutdown_sync(self) -> None:
         loop = self._task_loop
@@ -216,6 +231,7 @@ class MockerEngine(ThreadedEngine):
             self._drain_commands()  # runs up to the "stop" just posted, which aborts what runs
         elif not self._driver_done.wait(_STOP_WAIT_S):
             log.warning("the mocker's step loop did not stop within %.0f s", _STOP_WAIT_S)
+        self._timer.shutdown(wait=False)
         if self.publisher is not None:
             self.publisher.close()
 

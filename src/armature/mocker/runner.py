@@ -55,10 +55,6 @@ class StepRecord:
     active_blocks: int  # KV blocks held by running requests (the decode term's load, over the total)
 
 
-def _is_decode(s: ScheduledSeq) -> bool:
-    return s.extend_len == 1 and s.prefix_len >= len(s.req.input_ids)
-
-
 _MASK64 = (1 << 64) - 1
 
 
@@ -92,6 +88,8 @@ class SimulatedExecutor:
         self.blocking = True
         self.timer_slack_s = 0.0  # how late a step may start and its forward still follow on
         self.deadline = 0.0  # perf_counter() at which the current step's simulated forward ends
+        self.not_before = 0.0  # perf_counter() when the newest request reached the engine
+        self.batch_size = 0  # requests in the current step
         self._current: tuple[float, float, int, int, int] = (0.0, 0.0, 0, 0, 0)
         self._in_flight = False
         self._uniform_logprob = -math.log(vocab_size)
@@ -110,7 +108,7 @@ class SimulatedExecutor:
         prefill_tokens = 0
         decodes = 0
         for s in batch.seqs:
-            if _is_decode(s):
+            if s.extend_len == 1 and s.prefix_len >= len(s.req.input_ids):
                 decodes += 1
             else:
                 prefill_tokens += s.extend_len
@@ -119,10 +117,12 @@ class SimulatedExecutor:
         # simulated time, not added to it) -- or where the previous one ended, when this step
         # starts no more than ``timer_slack_s`` after that (the step loop's wake-up latency):
         # back-to-back forwards then keep the model's pace instead of drifting behind it.
+        # Never before a request in it arrived: following on applies to a busy engine only.
         start = batch.started
         if start - self.deadline <= self.timer_slack_s:
-            start = self.deadline
+            start = max(self.deadline, self.not_before)
         self._current = (start, predicted, prefill_tokens, decodes, batch.active_pages)
+        self.batch_size = len(batch.seqs)
         self._in_flight = True
         self.deadline = start + (predicted / 1000.0 / self.speedup_ratio if self.speedup_ratio > 0 else 0.0)
         if self.blocking:
@@ -130,7 +130,14 @@ class SimulatedExecutor:
             if delay > 0:
                 time.sleep(delay)
             self.forward_done()
-        return [self._result(s) for s in batch.seqs]
+        results = []
+        for s in batch.seqs:
+            req = s.req
+            if s.sample and not s.prompt_logprobs and not req.return_logprob:
+                results.append(SeqResult(self._draw(s)))  # the common case: just a token
+            else:
+                results.append(self._result(s))
+        return results
 
     def forward_done(self) -> None:
         """Record the step that just ended: the model's time and the wall time it took."""
