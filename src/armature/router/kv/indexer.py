@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 
 import numpy as np
@@ -99,7 +99,6 @@ class _WorkerLog:
     # Events received while a gap is open, applied in order once it closes.
     pending: list[RouterEvent] | None = None
     open_gap: EventGap | None = None
-    dp_ranks: set[int] = field(default_factory=set)
 
 
 class KvIndexer(RunTrie):
@@ -107,8 +106,8 @@ class KvIndexer(RunTrie):
 
     def __init__(self) -> None:
         super().__init__()
-        # Per node id; bumped when the id is freed, so a stale lookup ref can never address
-        # the node's next user.
+        # Per node id; bumped when a freed id is reused, so a stale lookup ref can never
+        # address the node's next user (while the id is free, its parent -1 says so).
         self._gen: list[int] = [0]
         # Every split of a node, ascending by offset: (offset, tail id, tail generation). A ref
         # past the node's end follows the split at the largest offset <= its own.
@@ -374,10 +373,6 @@ class KvIndexer(RunTrie):
         if key not in self._tree_sizes:
             self._tree_sizes[key] = 0
             self.slot_sizes[slot] = 0
-            log = self._logs.get(key[0])
-            if log is None:
-                log = self._logs[key[0]] = _WorkerLog()
-            log.dp_ranks.add(key[1])
         return slot
 
     def _add_size(self, key: WorkerKey, delta: int) -> None:
@@ -424,8 +419,12 @@ class KvIndexer(RunTrie):
         return nid, off
 
     def _new_node(self, parent: int, run: list[int], mask: int) -> int:
-        nid = super()._new_node(parent, run, mask)
-        if nid == len(self._gen):  # a new id (a reused one was reset when freed)
+        nid = RunTrie._new_node(self, parent, run, mask)
+        if nid < len(self._gen):
+            # A reused id: a new generation, so a lookup ref to its last user never resolves here.
+            self._gen[nid] = (self._gen[nid] + 1) & _M32
+            self._fwd[nid] = None
+        else:
             self._gen.append(0)
             self._fwd.append(None)
         self._blocks += len(run)
@@ -553,14 +552,7 @@ class KvIndexer(RunTrie):
             self._split(nid, 1)
         self._mask[nid] &= ~bit
         if not self._mask[nid] and self._kids[nid] is None:
-            self._prune(nid)
-
-    def _free(self, nid: int) -> None:
-        # A new generation, so a lookup ref to the old node can never address its next user.
-        self._gen[nid] = (self._gen[nid] + 1) & _M32
-        self._blocks -= len(self._run[nid])
-        self._fwd[nid] = None
-        super()._free(nid)
+            self._blocks -= self._prune(nid)
 
     def _clear_slot(self, key: WorkerKey, slot: int) -> None:
         bit = 1 << slot
@@ -578,7 +570,7 @@ class KvIndexer(RunTrie):
             mask[nid] &= ~bit
         for nid in nodes:
             if self._parent[nid] != -1 and not mask[nid] and kids[nid] is None:
-                self._prune(nid)
+                self._blocks -= self._prune(nid)
         self._add_size(key, -removed)
         self.stats.blocks_removed += removed
 

@@ -158,9 +158,13 @@ class RunTrie:
                 parent[grandchild] = tail
         return tail
 
-    def _prune(self, nid: int) -> None:
-        """Free ``nid`` if nobody holds it and it has no children, then its emptied ancestors."""
+    def _prune(self, nid: int) -> int:
+        """Free ``nid`` if nobody holds it and it has no children, then its emptied ancestors.
+
+        Returns how many blocks the freed nodes held.
+        """
         kids, mask, parent_of, runs = self._kids, self._mask, self._parent, self._run
+        freed = 0
         while nid != ROOT and not mask[nid] and kids[nid] is None:
             parent = parent_of[nid]
             siblings = kids[parent]
@@ -168,11 +172,9 @@ class RunTrie:
             del siblings[runs[nid][0]]
             if not siblings:
                 kids[parent] = None
-            self._free(nid)
+            parent_of[nid] = -1
+            freed += len(runs[nid])
+            runs[nid] = []
+            self._free_ids.append(nid)
             nid = parent
-
-    def _free(self, nid: int) -> None:
-        """Return an unlinked node's id to the free list."""
-        self._parent[nid] = -1
-        self._run[nid] = []
-        self._free_ids.append(nid)
+        return freed
