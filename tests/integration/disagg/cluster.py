@@ -63,13 +63,16 @@ async def complete(http: httpx.AsyncClient, ids: list[int], max_tokens: int) -> 
     return body
 
 
-async def completions(http: httpx.AsyncClient, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[str]:
+async def completions(
+    http: httpx.AsyncClient, prompts: list[list[int]], max_tokens: int, concurrency: int
+) -> list[str]:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(ids: list[int]) -> str:
         async with sem:
             body = await complete(http, ids, max_tokens)
-            assert body["usage"]["completion_tokens"] == max_tokens or body["choices"][0]["finish_reason"] == "stop"
+            choice = body["choices"][0]
+            assert body["usage"]["completion_tokens"] == max_tokens or choice["finish_reason"] == "stop"
             return str(body["choices"][0]["text"])
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))

@@ -65,7 +65,9 @@ def bootstrap_of(prefill: NativeEngine, room: int | None = None) -> BootstrapInf
     )
 
 
-async def run_disagg(prefill: NativeEngine, decode: NativeEngine, ids: list[int], max_new: int) -> DisaggResult:
+async def run_disagg(
+    prefill: NativeEngine, decode: NativeEngine, ids: list[int], max_new: int
+) -> DisaggResult:
     boot = bootstrap_of(prefill)
     tag = f"{boot.bootstrap_room:x}"
     preq = GenerateRequest(rid=f"p-{tag}", input_ids=ids, sampling=greedy(1), bootstrap=boot)

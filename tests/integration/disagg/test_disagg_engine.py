@@ -112,7 +112,9 @@ async def test_first_token_and_prompt_logprobs_come_from_the_prefill(
 
     ref = await collect(aggregated, req("lp-agg", 4, None))
     boot = bootstrap_of(prefill)
-    _, got = await asyncio.gather(collect(prefill, req("lp-p", 1, boot)), collect(decode, req("lp-d", 4, boot)))
+    _, got = await asyncio.gather(
+        collect(prefill, req("lp-p", 1, boot)), collect(decode, req("lp-d", 4, boot))
+    )
     assert [t for o in got for t in o.token_ids] == [t for o in ref for t in o.token_ids]
     lp_ref = [x for o in ref for x in (o.logprobs or [])]
     lp_got = [x for o in got for x in (o.logprobs or [])]

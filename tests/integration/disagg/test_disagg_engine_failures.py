@@ -61,18 +61,39 @@ async def test_decode_side_that_never_connects_frees_the_prefill(prefill: Native
     boot = bootstrap_of(prefill)
     req = GenerateRequest(rid="lonely-prefill", input_ids=PROMPT, sampling=greedy(1), bootstrap=boot)
     out = await last_output(prefill, req)
-    # The prefill finished and staged its KV; nobody came for it within the bootstrap timeout.
-    assert out.finish_reason is EngineFinishReason.LENGTH
-    for _ in range(100):
-        if open_rooms(prefill) == 0:
-            break
-        await asyncio.sleep(0.05)
+    # The prefill computed its token and staged its KV; its stream stays open until the room is
+    # done, and nobody came for it within the bootstrap timeout: the request ends, KV dropped.
+    assert out.token_ids and out.finish_reason is EngineFinishReason.ABORT
+    assert "no decode side connected" in (out.error or "")
     assert open_rooms(prefill) == 0
     await at_baseline(prefill)
 
 
-async def test_prefill_request_that_never_arrives_fails_the_decode(prefill: NativeEngine, decode: NativeEngine) -> None:
-    req = GenerateRequest(rid="orphan-decode", input_ids=PROMPT, sampling=greedy(8), bootstrap=bootstrap_of(prefill))
+async def test_cancelled_prefill_drops_its_staged_kv(prefill: NativeEngine) -> None:
+    boot = bootstrap_of(prefill)
+    req = GenerateRequest(rid="staged-then-cancelled", input_ids=PROMPT, sampling=greedy(1), bootstrap=boot)
+    task = asyncio.ensure_future(last_output(prefill, req))
+    for _ in range(200):  # computed and staged, waiting for its decode side
+        if prefill.scheduler.held_prefills == 1:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    assert prefill.scheduler.held_prefills == 1 and open_rooms(prefill) == 1  # type: ignore[attr-defined]
+    await prefill.abort("staged-then-cancelled")
+    out = await task
+    assert out.finish_reason is EngineFinishReason.ABORT
+    for _ in range(100):
+        if open_rooms(prefill) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert open_rooms(prefill) == 0
+    await at_baseline(prefill)
+
+
+async def test_prefill_request_that_never_arrives_fails_the_decode(
+    prefill: NativeEngine, decode: NativeEngine
+) -> None:
+    boot = bootstrap_of(prefill)
+    req = GenerateRequest(rid="orphan-decode", input_ids=PROMPT, sampling=greedy(8), bootstrap=boot)
     out = await last_output(decode, req)
     assert out.finish_reason is EngineFinishReason.ERROR and is_transfer_error(out.error)
     assert "no prefill request" in (out.error or "")
@@ -81,7 +102,8 @@ async def test_prefill_request_that_never_arrives_fails_the_decode(prefill: Nati
 
 async def test_unreachable_bootstrap_server_fails_the_decode(decode: NativeEngine) -> None:
     boot = BootstrapInfo(bootstrap_host="127.0.0.1", bootstrap_port=1, bootstrap_room=secrets.randbits(63))
-    out = await last_output(decode, GenerateRequest(rid="nowhere", input_ids=PROMPT, sampling=greedy(4), bootstrap=boot))
+    req = GenerateRequest(rid="nowhere", input_ids=PROMPT, sampling=greedy(4), bootstrap=boot)
+    out = await last_output(decode, req)
     assert out.finish_reason is EngineFinishReason.ERROR and is_transfer_error(out.error)
     assert "127.0.0.1:1" in (out.error or "")
     await at_baseline(decode)
@@ -109,7 +131,9 @@ async def test_cancelled_decode_aborts_its_prefill(prefill: NativeEngine, decode
     await at_baseline(prefill, decode)
 
 
-async def test_prefill_aborted_mid_flight_fails_the_decode(prefill: NativeEngine, decode: NativeEngine) -> None:
+async def test_prefill_aborted_mid_flight_fails_the_decode(
+    prefill: NativeEngine, decode: NativeEngine
+) -> None:
     boot = bootstrap_of(prefill)
     long_prompt = list(range(10, 3000))
     preq = GenerateRequest(rid="abort-p", input_ids=long_prompt, sampling=greedy(1), bootstrap=boot)
@@ -133,7 +157,9 @@ async def test_prefill_aborted_mid_flight_fails_the_decode(prefill: NativeEngine
 
 
 async def test_layout_mismatch_is_a_clear_error(tiny_llama_path: Path, prefill: NativeEngine) -> None:
-    cfg = DisaggConfig(mode=DisaggMode.DECODE, transfer_backend=TransferBackend.SHM, bootstrap_timeout_s=TIMEOUT_S)
+    cfg = DisaggConfig(
+        mode=DisaggMode.DECODE, transfer_backend=TransferBackend.SHM, bootstrap_timeout_s=TIMEOUT_S
+    )
     kw = {**ENGINE_KW, "page_size": 32}  # pages twice the prefill side's
     other = NativeEngine(model_path=str(tiny_llama_path), disaggregation=cfg, **kw)  # type: ignore[arg-type]
     try:
@@ -146,7 +172,9 @@ async def test_layout_mismatch_is_a_clear_error(tiny_llama_path: Path, prefill: 
         other.shutdown_sync()
 
 
-async def test_prefill_engine_shutdown_fails_waiting_decodes(tiny_llama_path: Path, decode: NativeEngine) -> None:
+async def test_prefill_engine_shutdown_fails_waiting_decodes(
+    tiny_llama_path: Path, decode: NativeEngine
+) -> None:
     doomed = prefill_engine(tiny_llama_path, timeout_s=30)
     boot = bootstrap_of(doomed)
     dreq = GenerateRequest(rid="orphaned-by-shutdown", input_ids=PROMPT, sampling=greedy(4), bootstrap=boot)

@@ -48,11 +48,15 @@ async def test_sigkill_prefill_mid_flight(tmp_path: Path, tiny_llama_path: Path)
         decode.status_url()
         prefill.status_url()
         for fe in (strict, lenient):
-            wait_until(lambda fe=fe: _through_prefill(fe, prefill), START_TIMEOUT_S, "disaggregated serving", procs)
+            wait_until(
+                lambda fe=fe: _through_prefill(fe, prefill), START_TIMEOUT_S, "disaggregated serving", procs
+            )
         async with (httpx.AsyncClient(base_url=f"http://127.0.0.1:{strict.port}", timeout=120) as a,
                     httpx.AsyncClient(base_url=f"http://127.0.0.1:{lenient.port}", timeout=120) as b):
             served = worker_metric(prefill, "armature_disagg_rooms_served_total")
-            tasks = [asyncio.ensure_future(_request(a if i % 2 == 0 else b, ids)) for i, ids in enumerate(PROMPTS)]
+            tasks = [
+                asyncio.ensure_future(_request(a if i % 2 == 0 else b, ids)) for i, ids in enumerate(PROMPTS)
+            ]
             # Kill once the prefill worker is busy with them (none of them delivered yet).
             for _ in range(200):
                 if worker_metric(decode, "armature_disagg_transfers_in_flight") >= 8:

@@ -76,7 +76,8 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         def through_prefill() -> bool:
             r = httpx.post(f"http://127.0.0.1:{frontend.port}/v1/completions",
                            json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2}, timeout=30)
-            return r.status_code == 200 and worker_metric(prefill, PREFILL_REQUESTS, 'endpoint="generate"') > 0
+            served = worker_metric(prefill, PREFILL_REQUESTS, 'endpoint="generate"')
+            return r.status_code == 200 and served > 0
 
         wait_until(through_prefill, START_TIMEOUT_S, "requests going through the prefill worker", procs)
         yield Deployment(frontend, prefill, decode, ref)
@@ -106,7 +107,9 @@ async def test_disaggregated_matches_aggregated(deployment: Deployment, http: ht
     assert worker_metric(deployment.prefill, "armature_disagg_open_rooms") == 0
 
 
-async def test_cancelled_requests_leave_nothing_behind(deployment: Deployment, http: httpx.AsyncClient) -> None:
+async def test_cancelled_requests_leave_nothing_behind(
+    deployment: Deployment, http: httpx.AsyncClient
+) -> None:
     rng = random.Random(5)
 
     async def one(ids: list[int], cancel_after: float | None) -> None:

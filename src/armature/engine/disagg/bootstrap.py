@@ -49,6 +49,7 @@ class StagedKv:
     decode side's shared-memory segment ``in_segment`` (then ``data`` is None).
     """
 
+    rid: str  # the prefill request, held by its engine until the room is done
     data: torch.Tensor | None
     nbytes: int
     num_tokens: int
@@ -89,7 +90,8 @@ class BootstrapServer:
     def __init__(
         self,
         layout: KvLayout,
-        abort_request: Callable[[str], None],
+        abort_request: Callable[[str, str], None],
+        delivered: Callable[[str], None],
         host: str = "127.0.0.1",
         port: int = 0,
         timeout_s: float = 300.0,
@@ -97,7 +99,9 @@ class BootstrapServer:
         self.layout = layout
         self.timeout_s = timeout_s
         self.stats = BootstrapStats()
+        # Both run on this loop thread and only enqueue work for the engine's step loop.
         self._abort_request = abort_request
+        self._delivered = delivered
         self._rooms: dict[int, _Room] = {}
         # room -> the shm segment its waiting decode side reads from; read by the step loop
         # (single dict operations, atomic under the GIL) to write the pages there directly.
@@ -150,21 +154,26 @@ class BootstrapServer:
         if r.rid is not None and r.rid != rid:
             # Two prefill requests claim one room: the later one cannot be paired; fail it alone.
             log.error("bootstrap room %d already belongs to request %s; aborting %s", room, r.rid, rid)
-            self._abort_request(rid)
+            self._abort_request(rid, f"bootstrap room {room} already belongs to another prefill request")
             return
         r.rid = rid
 
     def _stage(self, room: int, staged: StagedKv) -> None:
         r = self._rooms.get(room)
         if r is None or r.failed is not None:
-            return  # expired or cancelled meanwhile: drop the staged copy
+            # Expired or cancelled meanwhile: drop the staged copy, end the held request.
+            self._abort_request(staged.rid, f"bootstrap room {room} was closed before its KV was ready")
+            return
         r.staged = staged
         r.settled.set()
 
     def _fail(self, room: int, message: str) -> None:
         r = self._rooms.get(room)
-        if r is None or r.settled.is_set():
+        if r is None or r.failed is not None:
             return
+        if r.settled.is_set() and r.staged is None:
+            return  # its KV is on its way already
+        r.staged = None  # staged but not taken yet: nobody will take it now
         r.failed = message
         r.settled.set()
         self.stats.rooms_failed += 1
@@ -186,13 +195,15 @@ class BootstrapServer:
                 if not r.settled.is_set() or r.staged is not None:
                     self.stats.rooms_expired += 1
                     log.warning(
-                        "bootstrap room %d: no decode side connected within %.0fs; dropping it%s",
+                        "bootstrap room %d: no decode side connected within %.0fs; dropping it and its "
+                        "prefill request %s",
                         r.room,
                         self.timeout_s,
-                        f" and aborting prefill request {r.rid}" if r.rid and not r.settled.is_set() else "",
+                        r.rid,
                     )
-                if r.rid is not None and not r.settled.is_set():
-                    self._abort_request(r.rid)
+                    if r.rid is not None:
+                        reason = f"no decode side connected to bootstrap room {r.room} within {self.timeout_s:.0f}s"
+                        self._abort_request(r.rid, reason)
                 self._drop(r)
 
     # --- connections (loop thread) -----------------------------------------------------------
@@ -231,8 +242,8 @@ class BootstrapServer:
             await self._deliver(loop, conn, pull, room)
         except (OSError, WireError, asyncio.TimeoutError) as exc:
             log.warning("bootstrap connection for room %s failed: %s", room.room if room else "?", exc)
-            if room is not None and not room.settled.is_set() and room.rid is not None:
-                self._abort_request(room.rid)
+            if room is not None and room.rid is not None and room.failed is None:
+                self._abort_request(room.rid, f"the decode side's connection failed: {exc}")
         finally:
             if room is not None:
                 self._drop(room)
@@ -272,7 +283,7 @@ class BootstrapServer:
                     # The decode side closed (or sent bytes it should not): it no longer wants this KV.
                     log.info("bootstrap room %d: decode side left before the KV was ready", room.room)
                     if room.rid is not None:
-                        self._abort_request(room.rid)
+                        self._abort_request(room.rid, "the decode side went away before the KV was ready")
                     return False
                 if room.rid is None and time.monotonic() >= room.deadline:
                     room.failed = (
@@ -295,13 +306,11 @@ class BootstrapServer:
             return
         room.staged = None
         if staged.num_tokens != pull.num_tokens:
-            await self._send_failed(
-                loop,
-                conn,
-                pull.room,
-                f"the prefill request had {staged.num_tokens} prompt tokens, "
-                f"the decode request {pull.num_tokens}",
+            message = (
+                f"the prefill request had {staged.num_tokens} prompt tokens, the decode request {pull.num_tokens}"
             )
+            self._abort_request(staged.rid, message)
+            await self._send_failed(loop, conn, pull.room, message)
             return
         ready = KvReady(
             version=PROTOCOL_VERSION,
@@ -327,6 +336,7 @@ class BootstrapServer:
             assert staged.data is not None
             await send_kv(loop, conn, pull, ready, staged.data)
         self.stats.rooms_served += 1
+        self._delivered(staged.rid)
         self.stats.bytes_sent += ready.nbytes
 
     async def _send_failed(

@@ -8,10 +8,12 @@ the ``DisaggScheduler`` to the network side and publishes the bootstrap address 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING
 
+from armature.engine.api import EngineError
 from armature.engine.disagg.bootstrap import BootstrapServer
 from armature.engine.disagg.config import DisaggConfig, DisaggMode
 from armature.engine.disagg.kv_pages import layout_of
@@ -36,13 +38,19 @@ class DisaggLink:
         layout = layout_of(sched.pool)
         if config.mode is DisaggMode.PREFILL:
 
-            def abort_request(rid: str) -> None:
+            def abort_request(rid: str, reason: str) -> None:
                 # Runs on the bootstrap loop; the engine's abort only enqueues a command.
+                sched.abort_reasons[rid] = reason
                 asyncio.get_running_loop().create_task(engine.abort(rid))
+
+            def delivered(rid: str) -> None:
+                with contextlib.suppress(EngineError):  # shut down meanwhile: nobody waits
+                    engine.run_in_loop(lambda: sched.delivered(rid))
 
             server = BootstrapServer(
                 layout,
                 abort_request,
+                delivered,
                 config.bootstrap_host,
                 config.bootstrap_port,
                 config.bootstrap_timeout_s,

@@ -84,6 +84,13 @@ class DisaggScheduler(Scheduler):
         # Prefill role.
         self.prefill_hooks: PrefillHooks | None = None
         self._rooms: dict[str, int] = {}
+        # A finished prefill's last output is held until its room is done (KV delivered, or the
+        # room failed / expired), so the prefill request's stream spans the transfer, as in
+        # SGLang, and aborting it (the caller cancelled) drops the staged KV at once.
+        self._staged: dict[str, int] = {}
+        self._held: dict[str, GenerateOutput] = {}
+        # Why the bootstrap server asked for an abort (set from its thread, read on the step loop).
+        self.abort_reasons: dict[str, str] = {}
         # Decode role.
         self.start_pull: Callable[[PullJob], None] | None = None
         self.cancel_pull: Callable[[str], None] | None = None
@@ -113,6 +120,16 @@ class DisaggScheduler(Scheduler):
         return r
 
     def abort(self, rid: str, reason: str = "aborted by the caller") -> GenerateOutput | None:
+        reason = self.abort_reasons.pop(rid, reason)
+        held = self._held.pop(rid, None)
+        if held is not None:
+            room = self._staged.pop(rid, None)
+            if room is not None and self.prefill_hooks is not None:
+                self.prefill_hooks.fail(room, f"the prefill request was aborted ({reason})")
+            held.finish_reason = EngineFinishReason.ABORT
+            held.error = reason
+            self.stats.aborted += 1
+            return held
         t = self._transfers.pop(rid, None)
         if t is not None:
             self._drop_transfer(t)
@@ -127,6 +144,17 @@ class DisaggScheduler(Scheduler):
             self.prefill_hooks.fail(room, f"the prefill request was aborted ({reason})")
         return out
 
+    def abort_all(self, reason: str) -> list[GenerateOutput]:
+        outs = super().abort_all(reason)
+        return outs + [o for rid in list(self._held) if (o := self.abort(rid, reason)) is not None]
+
+    def delivered(self, rid: str) -> None:
+        """On the step loop: the room of prefill request ``rid`` handed its KV over."""
+        self._staged.pop(rid, None)
+        out = self._held.pop(rid, None)
+        if out is not None:
+            self._ready.append(out)
+
     def _drop_transfer(self, t: _Transfer) -> None:
         if t in self._unallocated:
             self._unallocated.remove(t)
@@ -138,6 +166,10 @@ class DisaggScheduler(Scheduler):
                 self.cancel_pull(t.req.rid)
 
     # --- state -----------------------------------------------------------------------------
+
+    @property
+    def held_prefills(self) -> int:
+        return len(self._held)
 
     @property
     def has_work(self) -> bool:
@@ -162,15 +194,16 @@ class DisaggScheduler(Scheduler):
         room = self._rooms.get(r.rid)
         if room is not None and r.finish_reason in (EngineFinishReason.STOP, EngineFinishReason.LENGTH):
             del self._rooms[r.rid]
-            self._stage(r, room)
+            if self._stage(r, room):
+                self._staged[r.rid] = room
         super()._release(r)
 
-    def _stage(self, r: Req, room: int) -> None:
+    def _stage(self, r: Req, room: int) -> bool:
         assert self.prefill_hooks is not None
         n = len(r.input_ids)
         if not r.output_ids or r.kv_len < n:
             self.prefill_hooks.fail(room, "the prefill request finished without computing its prompt")
-            return
+            return False
         staged_at = time.time()
         num_pages = -(-n // self.page_size)
         pages = r.pages[:num_pages]
@@ -189,6 +222,7 @@ class DisaggScheduler(Scheduler):
         self.prefill_hooks.stage(
             room,
             StagedKv(
+                rid=r.rid,
                 data=data,
                 nbytes=nbytes,
                 in_segment=segment,
@@ -203,6 +237,7 @@ class DisaggScheduler(Scheduler):
                 input_top_logprobs=r.input_top_logprobs,
             ),
         )
+        return True
 
     # --- decode role -----------------------------------------------------------------------
 
@@ -296,7 +331,11 @@ class DisaggScheduler(Scheduler):
             self._allocate_transfers()
         outputs, self._ready = self._ready, []
         if super().has_work:
-            outputs.extend(super().step())
+            for out in super().step():
+                if out.finish_reason is not None and out.rid in self._staged:
+                    self._held[out.rid] = out  # until the room is done
+                else:
+                    outputs.append(out)
         elif self._unallocated and not outputs:
             # Only transfers in flight hold the pages we wait for: do not spin the core.
             time.sleep(_WAIT_FOR_PAGES_S)
