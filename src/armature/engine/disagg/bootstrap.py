@@ -202,7 +202,9 @@ class BootstrapServer:
                         r.rid,
                     )
                     if r.rid is not None:
-                        reason = f"no decode side connected to bootstrap room {r.room} within {self.timeout_s:.0f}s"
+                        reason = (
+                            f"no decode side connected to bootstrap room {r.room} within {self.timeout_s:.0f}s"
+                        )
                         self._abort_request(r.rid, reason)
                 self._drop(r)
 
@@ -307,7 +309,8 @@ class BootstrapServer:
         room.staged = None
         if staged.num_tokens != pull.num_tokens:
             message = (
-                f"the prefill request had {staged.num_tokens} prompt tokens, the decode request {pull.num_tokens}"
+                f"the prefill request had {staged.num_tokens} prompt tokens, "
+                f"the decode request {pull.num_tokens}"
             )
             self._abort_request(staged.rid, message)
             await self._send_failed(loop, conn, pull.room, message)
