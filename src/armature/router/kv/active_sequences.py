@@ -299,7 +299,8 @@ class ActiveSequences(RunTrie):
             mask[nid] &= ~bit
             freed += len(runs[nid])
             # Leaf to root, so this request's deeper nodes are released already.
-            self._prune(nid)
+            if not mask[nid] and self._kids[nid] is None:
+                self._prune(nid)
         self.active_blocks[key] -= freed
         if self.on_change is not None:
             self.on_change(key)
