@@ -24,13 +24,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A step that starts up to this long after the previous simulated forward ended follows on from
-# its end. The step loop sleeps on the event loop's millisecond timer, so it wakes up to ~1 ms
-# late; following on keeps the model's pace over many steps. It never runs faster than the
-# model: each forward still takes its full predicted time after the previous one, and never
-# starts before the newest request reached the engine.
+# its end: the step loop's wake-up comes a little late when the event loop is busy, and
+# following on keeps the model's pace over many steps. It never runs faster than the model:
+# each forward still takes its full predicted time after the previous one, and never starts
+# before the newest request reached the engine.
 _TIMER_SLACK_S = 0.002
 _STOP_WAIT_S = 10.0
-# Steps of at most this many requests sleep on an exact timer thread; larger ones on the loop.
+# A sleep longer than this waits on the loop's timer until this much is left, then on a thread.
+_COARSE_SLEEP_S = 0.002
+# Shorter steps of more requests than this sleep on the loop's timer alone.
 _EXACT_TIMER_MAX_BATCH = 4
 
 
@@ -200,20 +202,28 @@ class MockerEngine(ThreadedEngine):
             self._driver_done.set()
 
     async def _sleep_until(self, deadline: float, batch_size: int) -> None:
+        """Sleep until ``deadline`` (perf_counter), exactly enough that the model's times hold.
+
+        The event loop's timer ticks in whole milliseconds (a 1.72 ms prefill would take 2 ms);
+        a timer thread is exact but costs a hand-off per step, which on a busy worker adds up.
+        So: the loop's timer for the bulk of a long sleep and the thread for its last stretch;
+        the thread alone for a short step of few requests (latency is what is measured then);
+        the loop's timer alone (rounded up) for a short step of many, whose lateness following
+        on absorbs (``SimulatedExecutor.timer_slack_s``).
+        """
         delay = deadline - time.perf_counter()
         if delay <= 0:
             await asyncio.sleep(0)  # let the callers' tasks run before the next step
-        elif batch_size <= _EXACT_TIMER_MAX_BATCH:
-            # Few requests: latency is what is measured and the loop is quiet, so sleep exactly
-            # on the timer thread (a 1.72 ms prefill on the loop's timer takes 2 ms).
-            await asyncio.wrap_future(self._timer.submit(time.sleep, delay))
-        else:
-            # Many requests: the loop is busy, a timer thread's wake-up would wait for the GIL,
-            # so use the loop's own millisecond timer; its rounding averages out because each
-            # forward follows on from the previous one (``SimulatedExecutor.timer_slack_s``).
-            # uvloop rounds to the nearest millisecond: half a tick more makes that a ceiling,
-            # so no output goes out before its forward has ended.
-            await asyncio.sleep(delay + 0.0005)
+            return
+        if delay < _COARSE_SLEEP_S and batch_size > _EXACT_TIMER_MAX_BATCH:
+            await asyncio.sleep(delay + 0.0005)  # uvloop rounds to the nearest ms: round up
+            return
+        if delay > _COARSE_SLEEP_S:
+            await asyncio.sleep(delay - _COARSE_SLEEP_S)
+            delay = deadline - time.perf_counter()
+            if delay <= 0:
+                return
+        await asyncio.wrap_future(self._timer.submit(time.sleep, delay))
 
     def shutdown_sync(self) -> None:
         loop = self._task_loop
