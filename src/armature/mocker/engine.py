@@ -130,8 +130,13 @@ class MockerEngine(ThreadedEngine):
 
     def _ensure_driver(self) -> None:
         with self._driver_lock:
-            if self._task_loop is not None or self._thread is not None:
+            if self._thread is not None:
                 return
+            if self._task_loop is not None and not self._task_loop.is_closed():
+                return
+            # Not started yet, or its event loop has closed (a script's asyncio.run() after
+            # another): start it where this caller runs. The scheduler's state carries over.
+            self._task_loop = self._task = self._wake = None
             loop = _running_loop()
             if loop is None:
                 self.executor.blocking = True
@@ -226,19 +231,27 @@ class MockerEngine(ThreadedEngine):
         await asyncio.wrap_future(self._timer.submit(time.sleep, delay))
 
     def shutdown_sync(self) -> None:
-        loop = self._task_loop
-        if loop is None:
-            super().shutdown_sync()
-            return
         if self._stopped.is_set():
             return
+        loop, task, wake = self._task_loop, self._task, self._wake
+        if loop is None or wake is None:
+            super().shutdown_sync()  # never started, or on the step-loop thread: stop and join it
+            self._timer.shutdown(wait=False)
+            return
         self._stopped.set()
-        self._post(("stop",))
-        if _running_loop() is loop or loop.is_closed():
-            # The task cannot run while this call blocks its loop: stop here, on the same thread.
-            if self._task is not None:
-                self._task.cancel()
-            self._drain_commands()  # runs up to the "stop" just posted, which aborts what runs
+        self._cmds.put(("stop",))
+        inline = _running_loop() is loop or loop.is_closed()
+        if not inline:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # closed meanwhile
+                inline = True
+        if inline:
+            # The task cannot run while this call blocks its loop (or its loop is gone): stop
+            # here, on this thread; the "stop" just queued aborts what runs.
+            if task is not None:
+                task.cancel()
+            self._drain_commands()
         elif not self._driver_done.wait(_STOP_WAIT_S):
             log.warning("the mocker's step loop did not stop within %.0f s", _STOP_WAIT_S)
         self._timer.shutdown(wait=False)

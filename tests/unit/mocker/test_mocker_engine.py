@@ -154,3 +154,28 @@ async def test_steps_are_timed_on_the_kv_load_and_batched_prefill() -> None:
         assert max(r.active_blocks for r in recs) == 12  # 4 requests x 3 blocks of 16 (<= 44 tokens)
     finally:
         await eng.shutdown()
+
+
+def test_the_engine_serves_one_event_loop_after_another() -> None:
+    # Its step loop runs on the caller's event loop: a script may run several in turn.
+    eng = make(block_size=16, num_gpu_blocks_override=64)
+    try:
+        for rid in ("a", "b"):
+            toks, outs = asyncio.run(collect(eng, GenerateRequest(rid, [1, 2, 3], SamplingParams(max_new_tokens=4))))
+            assert len(toks) == 4 and outs[-1].finish_reason is EngineFinishReason.LENGTH
+        # From a plain thread, with no event loop at all, control calls still run.
+        assert eng.run_in_loop(eng.scheduler.flush_cache).result(timeout=10) is True
+    finally:
+        eng.shutdown_sync()
+
+
+async def test_control_calls_from_the_engines_own_event_loop_do_not_hang() -> None:
+    eng = make(block_size=16, num_gpu_blocks_override=64)
+    try:
+        await collect(eng, GenerateRequest("x", [5] * 40, SamplingParams(max_new_tokens=3)))
+        # A blocking .result() on the loop that runs the step loop: served at once, between steps.
+        eng.run_in_loop(eng.scheduler.check_accounting).result(timeout=10)
+        assert await eng.flush_cache() is True
+        assert eng.load_metrics().kv_cached_blocks == 0
+    finally:
+        await eng.shutdown()
