@@ -1,9 +1,12 @@
 """How closely the mocker's step times follow Dynamo's timing model (speedup_ratio 1).
 
 256 concurrent requests (prompts 128-1024 tokens, 32-128 new tokens, fixed seed) through a
-MockerEngine with Dynamo's defaults. Every step records the model's predicted time and the
-measured wall time from the start of the step to the end of its simulated forward; the table
-shows the relative error distribution and the share of steps within 10%.
+MockerEngine with Dynamo's defaults, on uvloop as in the worker. Every step records the model's
+predicted time (docs/mocker.md: one prefill polynomial over the step's new tokens + one decode
+at p = active/total KV blocks) and the measured wall time from the start of its simulated
+forward until the step loop resumed with its outputs; the table shows the relative error
+distribution and the share of steps within 10% (issue 2's bar: the step times follow the model
+within 10%). CPU taken by other processes shows up as late wake-ups: run it on a quiet machine.
 
     .venv/bin/python benchmarks/mocker_timing.py [--requests 256] [--speedup 1.0]
 """
