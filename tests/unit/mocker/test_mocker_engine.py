@@ -163,8 +163,11 @@ def test_the_engine_serves_one_event_loop_after_another() -> None:
         for rid in ("a", "b"):
             toks, outs = asyncio.run(collect(eng, GenerateRequest(rid, [1, 2, 3], SamplingParams(max_new_tokens=4))))
             assert len(toks) == 4 and outs[-1].finish_reason is EngineFinishReason.LENGTH
-        # From a plain thread, with no event loop at all, control calls still run.
+        # From a plain thread, with no event loop at all, control calls still run (on the
+        # native engine's step-loop thread from then on), and so do later streams.
         assert eng.run_in_loop(eng.scheduler.flush_cache).result(timeout=10) is True
+        toks, outs = asyncio.run(collect(eng, GenerateRequest("c", [4, 5, 6], SamplingParams(max_new_tokens=5))))
+        assert len(toks) == 5 and outs[-1].finish_reason is EngineFinishReason.LENGTH
     finally:
         eng.shutdown_sync()
 
