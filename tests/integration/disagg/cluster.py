@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -40,6 +41,18 @@ def worker_metric(worker: Proc, name: str, label: str = "") -> float:
     status, body = http_get(worker.status_url() + "/metrics")
     assert status == 200
     return metric_value(body.decode(), name, label)
+
+
+async def wait_metric(worker: Proc, name: str, want: Callable[[float], bool], timeout_s: float = 15.0) -> float:
+    """Until ``want(metric)`` holds: gauges move on the worker's publish tick, not with the request."""
+    deadline = time.monotonic() + timeout_s
+    value = worker_metric(worker, name)
+    while not want(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} is still {value} after {timeout_s} s")
+        await asyncio.sleep(0.1)
+        value = worker_metric(worker, name)
+    return value
 
 
 async def wait_idle(workers: list[Proc], timeout_s: float = 60.0) -> None:

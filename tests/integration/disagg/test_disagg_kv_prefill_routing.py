@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cluster import MODEL, complete, start_native_worker, wait_idle, worker_metric
+from cluster import MODEL, complete, start_native_worker, wait_idle, wait_metric, worker_metric
 
 from integration.frontend.procs import START_TIMEOUT_S, start_frontend, wait_until
 
@@ -52,7 +52,7 @@ async def test_prefix_sharing_requests_go_to_the_same_prefill_worker(
         served = [worker_metric(p, SERVED) - b for p, b in zip(prefills, before)]
         assert sorted(served) == [0, 6], f"prefills per worker: {served}"
         holder = prefills[served.index(6)]
-        assert worker_metric(holder, "armature_worker_cache_hit_rate") > 0
+        await wait_metric(holder, "armature_worker_cache_hit_rate", lambda v: v > 0)
     finally:
         for p in procs:
             if p.alive():

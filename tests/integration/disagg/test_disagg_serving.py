@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from cluster import MODEL, completions, start_native_worker, wait_idle, worker_metric
+from cluster import MODEL, completions, start_native_worker, wait_idle, wait_metric, worker_metric
 from disagg_pair import prompts
 
 from integration.frontend.procs import START_TIMEOUT_S, Proc, start_frontend, wait_until
@@ -104,7 +105,7 @@ async def test_disaggregated_matches_aggregated(deployment: Deployment, http: ht
     assert worker_metric(deployment.decode, "armature_disagg_kv_transfers_total") - before == len(PROMPTS)
     assert worker_metric(deployment.decode, "armature_disagg_kv_transfer_failures_total") == 0
     await wait_idle([deployment.prefill, deployment.decode])
-    assert worker_metric(deployment.prefill, "armature_disagg_open_rooms") == 0
+    await wait_metric(deployment.prefill, "armature_disagg_open_rooms", lambda v: v == 0)
 
 
 async def test_cancelled_requests_leave_nothing_behind(
@@ -128,8 +129,10 @@ async def test_cancelled_requests_leave_nothing_behind(
     jobs = [one(ids, rng.uniform(0.0, 1.5) if i % 2 else None) for i, ids in enumerate(PROMPTS * 2)]
     await asyncio.gather(*jobs)
     await wait_idle([deployment.prefill, deployment.decode])
-    assert worker_metric(deployment.prefill, "armature_disagg_open_rooms") == 0
-    assert worker_metric(deployment.decode, "armature_disagg_transfers_in_flight") == 0
+    t0 = time.monotonic()
+    await wait_metric(deployment.prefill, "armature_disagg_open_rooms", lambda v: v == 0)
+    print(f"open rooms closed {time.monotonic() - t0:.2f} s after the engines went idle")
+    await wait_metric(deployment.decode, "armature_disagg_transfers_in_flight", lambda v: v == 0)
 
 
 async def _stream(http: httpx.AsyncClient, body: dict) -> int:
