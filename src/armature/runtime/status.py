@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from armature.runtime.metrics import RuntimeMetrics
+from armature.runtime.request_plane.base import env_float
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ class HealthState:
         }
 
 
-def _env_float(env: Mapping[str, str], names: tuple[str, ...], default: float) -> float:
-    for name in names:
-        raw = env.get(name)
-        if raw:
-            try:
-                value = float(raw)
-            except ValueError as e:
-                raise ValueError(f"{name}={raw!r} is not a number") from e
-            if value <= 0:
-                raise ValueError(f"{name}={raw!r} must be positive")
-            return value
-    return default
-
-
 @dataclass(frozen=True)
 class CanaryConfig:
     """Canary health checks: after ``wait_s`` without traffic, send the endpoint's health payload.
@@ -102,8 +89,8 @@ class CanaryConfig:
         raw = env.get("ARMATURE_HEALTH_CHECK_ENABLED") or env.get("DYN_HEALTH_CHECK_ENABLED") or ""
         return cls(
             enabled=raw.strip().lower() in ("1", "true", "yes", "on"),
-            wait_s=_env_float(env, ("ARMATURE_CANARY_WAIT_TIME", "DYN_CANARY_WAIT_TIME"), cls.wait_s),
-            timeout_s=_env_float(
+            wait_s=env_float(env, ("ARMATURE_CANARY_WAIT_TIME", "DYN_CANARY_WAIT_TIME"), cls.wait_s),
+            timeout_s=env_float(
                 env, ("ARMATURE_HEALTH_CHECK_REQUEST_TIMEOUT", "DYN_HEALTH_CHECK_REQUEST_TIMEOUT"), cls.timeout_s
             ),
         )

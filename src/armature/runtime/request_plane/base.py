@@ -87,6 +87,21 @@ class Instance(msgspec.Struct, frozen=True):
         return f"{self.namespace}.{self.component}.{self.endpoint}"
 
 
+def env_float(env: Mapping[str, str], names: tuple[str, ...], default: float) -> float:
+    """The first of ``names`` set in ``env`` as a positive number, else ``default``."""
+    for name in names:
+        raw = env.get(name)
+        if raw:
+            try:
+                value = float(raw)
+            except ValueError as e:
+                raise ValueError(f"{name}={raw!r} is not a number") from e
+            if value <= 0:
+                raise ValueError(f"{name}={raw!r} must be positive")
+            return value
+    return default
+
+
 @dataclass(frozen=True)
 class PlaneTimeouts:
     connect_s: float = 5.0
@@ -101,27 +116,15 @@ class PlaneTimeouts:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PlaneTimeouts:
         env = os.environ if env is None else env
-
-        def pick(names: tuple[str, ...], default: float) -> float:
-            for name in names:
-                raw = env.get(name)
-                if raw:
-                    try:
-                        value = float(raw)
-                    except ValueError as e:
-                        raise ValueError(f"{name}={raw!r} is not a number") from e
-                    if value <= 0:
-                        raise ValueError(f"{name}={raw!r} must be positive")
-                    return value
-            return default
-
         return cls(
-            connect_s=pick(("ARMATURE_TCP_CONNECT_TIMEOUT", "DYN_TCP_CONNECT_TIMEOUT"), cls.connect_s),
-            first_response_s=pick(("ARMATURE_TCP_REQUEST_TIMEOUT", "DYN_TCP_REQUEST_TIMEOUT"), cls.first_response_s),
-            max_message_bytes=int(
-                pick(("ARMATURE_TCP_MAX_MESSAGE_SIZE", "DYN_TCP_MAX_MESSAGE_SIZE"), cls.max_message_bytes)
+            connect_s=env_float(env, ("ARMATURE_TCP_CONNECT_TIMEOUT", "DYN_TCP_CONNECT_TIMEOUT"), cls.connect_s),
+            first_response_s=env_float(
+                env, ("ARMATURE_TCP_REQUEST_TIMEOUT", "DYN_TCP_REQUEST_TIMEOUT"), cls.first_response_s
             ),
-            window=int(pick(("ARMATURE_REQUEST_PLANE_WINDOW",), cls.window)),
+            max_message_bytes=int(
+                env_float(env, ("ARMATURE_TCP_MAX_MESSAGE_SIZE", "DYN_TCP_MAX_MESSAGE_SIZE"), cls.max_message_bytes)
+            ),
+            window=int(env_float(env, ("ARMATURE_REQUEST_PLANE_WINDOW",), cls.window)),
         )
 
 
