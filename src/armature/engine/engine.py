@@ -394,28 +394,7 @@ class ModelExecutor:
         return self.runner.kv_pool
 
     def execute(self, batch: ScheduledBatch) -> list[SeqResult]:
-        pool = self.runner.kv_pool
-        ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        out_loc: list[torch.Tensor] = []
-        kv_indices: list[torch.Tensor] = []
-        for s in batch.seqs:
-            ids.extend(s.input_ids())
-            end = s.prefix_len + s.extend_len
-            slots = pool.slots_of(s.req.pages, end).to(self.device)
-            kv_indices.append(slots)
-            out_loc.append(slots[s.prefix_len :])
-            positions.append(torch.arange(s.prefix_len, end, dtype=torch.int64))
-        fb = ForwardBatch(
-            mode=batch.mode,
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=torch.cat(positions).to(self.device),
-            out_cache_loc=torch.cat(out_loc),
-            extend_lens=[s.extend_len for s in batch.seqs],
-            prefix_lens=[s.prefix_len for s in batch.seqs],
-            kv_indices=kv_indices,
-            return_all_logits=[s.prompt_logprobs for s in batch.seqs],
-        )
+        fb = self._page_batch(batch) if self.runner.attn_backend.uses_page_table else self._slot_batch(batch)
         logits = self.runner.forward(fb)
         results = [SeqResult() for _ in batch.seqs]
         last_rows: list[int] = []
@@ -438,6 +417,63 @@ class ModelExecutor:
                 results[i].logprob = res.logprobs[j]
                 results[i].top_logprobs = res.top_logprobs[j]
         return results
+
+    def _slot_batch(self, batch: ScheduledBatch) -> ForwardBatch:
+        pool = self.runner.kv_pool
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        out_loc: list[torch.Tensor] = []
+        kv_indices: list[torch.Tensor] = []
+        for s in batch.seqs:
+            ids.extend(s.input_ids())
+            end = s.prefix_len + s.extend_len
+            slots = pool.slots_of(s.req.pages, end).to(self.device)
+            kv_indices.append(slots)
+            out_loc.append(slots[s.prefix_len :])
+            positions.append(torch.arange(s.prefix_len, end, dtype=torch.int64))
+        return ForwardBatch(
+            mode=batch.mode,
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
+            positions=torch.cat(positions).to(self.device),
+            out_cache_loc=torch.cat(out_loc),
+            extend_lens=[s.extend_len for s in batch.seqs],
+            prefix_lens=[s.prefix_len for s in batch.seqs],
+            kv_indices=kv_indices,
+            return_all_logits=[s.prompt_logprobs for s in batch.seqs],
+        )
+
+    def _page_batch(self, batch: ScheduledBatch) -> ForwardBatch:
+        # Host tensors only: the backend (or the CUDA graph's staging) moves them in one go.
+        pool = self.runner.kv_pool
+        ps = pool.page_size
+        ids: list[int] = []
+        positions: list[int] = []
+        out_loc: list[int] = []
+        table: list[list[int]] = []
+        for s in batch.seqs:
+            pages = s.req.pages
+            end = s.prefix_len + s.extend_len
+            if s.extend_len == 1:
+                pos = s.prefix_len
+                ids.append(s.req.fill_slice(pos, end)[0])
+                positions.append(pos)
+                out_loc.append(pages[pos // ps] * ps + pos % ps)
+            else:
+                ids.extend(s.input_ids())
+                positions.extend(range(s.prefix_len, end))
+                out_loc.extend(pool.new_token_slots(pages, s.prefix_len, end))
+            table.append(pages[: -(-end // ps)])
+        return ForwardBatch(
+            mode=batch.mode,
+            input_ids=torch.tensor(ids, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            out_cache_loc=torch.tensor(out_loc, dtype=torch.int64),
+            extend_lens=[s.extend_len for s in batch.seqs],
+            prefix_lens=[s.prefix_len for s in batch.seqs],
+            kv_indices=[],
+            return_all_logits=[s.prompt_logprobs for s in batch.seqs],
+            page_table=table,
+        )
 
     @staticmethod
     def _sampling_row(s: Any) -> SamplingRow:
@@ -507,8 +543,15 @@ class NativeEngine(ThreadedEngine):
     """``Engine(model_path=..., **server_args)``: SGLang's offline engine, on our own runtime."""
 
     def __init__(
-        self, server_args: ServerArgs | None = None, *, disaggregation: DisaggConfig | None = None, **kwargs: Any
+        self,
+        server_args: ServerArgs | None = None,
+        *,
+        disaggregation: DisaggConfig | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
     ) -> None:
+        """``weights``: checkpoint tensors already in memory (``model_path`` then only needs its
+        config.json), e.g. to serve weights another framework built, without a copy on disk."""
         from armature.engine.model_runner import ModelRunner
 
         args = server_args if server_args is not None else ServerArgs.from_kwargs(**kwargs)
@@ -522,8 +565,11 @@ class NativeEngine(ThreadedEngine):
             max_total_tokens=args.max_total_tokens,
             mem_fraction_static=args.mem_fraction_static,
             max_context_length=args.context_length,
+            attention_backend=args.attention_backend,
+            cuda_graph_max_bs=args.cuda_graph_max_bs,
+            disable_cuda_graph=args.disable_cuda_graph,
         )
-        runner = ModelRunner(args.model_path, **self._runner_kwargs)  # type: ignore[arg-type]
+        runner = ModelRunner(args.model_path, weights=weights, **self._runner_kwargs)  # type: ignore[arg-type]
         self.runner = runner
         cfg = runner.model_config
         self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(runner.model_path)
@@ -597,6 +643,7 @@ class NativeEngine(ThreadedEngine):
 
             weights = load_weights(path, new_cfg, self.runner.dtype, self.runner.device)
             self.runner.model = MODEL_CLASSES[new_cfg.architecture](new_cfg, weights, self.runner.model.rotary)
+            self.runner.recapture_graphs()
             # Cached KV was computed by the old weights: it must not be reused.
             self.scheduler.cache.reset()
 
@@ -645,6 +692,7 @@ class NativeEngine(ThreadedEngine):
             pool.k_buffer = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in released]
             pool.v_buffer = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in released]
             self._released_kv = None
+            self.runner.recapture_graphs()
         super()._resume_memory(tags)
 
     # --- offline API ---------------------------------------------------------------------

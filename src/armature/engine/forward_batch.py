@@ -3,7 +3,8 @@
 Sequences are packed (no padding): ``input_ids``/``positions``/``out_cache_loc`` hold the new
 tokens of every sequence back to back, in batch order. Each sequence attends over
 ``kv_indices[i]`` — the KV-pool slots of its whole context (cached prefix + new tokens), in
-order — after the model has written the new tokens' K/V into ``out_cache_loc``.
+order — or, for page-table backends, ``page_table[i]`` (its pages; slot = page * page_size +
+offset) after the model has written the new tokens' K/V into ``out_cache_loc``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class ForwardBatch:
     kv_indices: list[torch.Tensor]  # per sequence: [prefix_len + extend_len] int64 slots
     # Per sequence: return logits for all its new tokens (prompt logprobs), else only the last.
     return_all_logits: list[bool] = field(default_factory=list)
+    # Per sequence: its KV pages in order (backends that address the pool by page table, like
+    # the Triton one, read this; kv_indices may then be left empty).
+    page_table: list[list[int]] | None = None
 
     @property
     def batch_size(self) -> int:

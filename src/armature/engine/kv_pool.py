@@ -44,7 +44,10 @@ class KVPool:
         self.shape = shape
         self.page_size = page_size
         self.num_pages = num_pages
-        slots = num_pages * page_size
+        # One page past the allocatable ones takes the writes of padding rows (a CUDA graph
+        # replayed for a batch larger than the live one), so they never touch a live page.
+        self.scratch_page = num_pages
+        slots = (num_pages + 1) * page_size
         kv = (slots, shape.num_kv_heads, shape.head_dim)
         self._backing: mmap.mmap | None = None
         if shape.device.type == "cpu":
@@ -94,6 +97,11 @@ class KVPool:
         base = torch.tensor(pages, dtype=torch.int64).repeat_interleave(ps) * ps
         offs = torch.arange(ps, dtype=torch.int64).repeat(len(pages))
         return (base + offs)[:num_tokens]
+
+    def new_token_slots(self, pages: list[int], start: int, end: int) -> list[int]:
+        """Slots of positions ``[start, end)`` of a sequence that owns ``pages``."""
+        ps = self.page_size
+        return [pages[j // ps] * ps + j % ps for j in range(start, end)]
 
     def page_bytes(self) -> int:
         return self.shape.bytes_per_token() * self.page_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from armature.engine.kv_pool import KVPool, KVShape, pages_for_budget
 from armature.engine.loader import load_weights, resolve_model_path
 from armature.engine.models import MODEL_CLASSES
 from armature.engine.models.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from armature.engine.cuda_graph import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ _CPU_KV_CAP_BYTES = 2 << 30
 # Small models would otherwise get millions of slots (and a slow zero-fill) nobody on a CPU uses.
 _CPU_KV_CAP_TOKENS = 1 << 18
 _CUDA_MEM_FRACTION = 0.85
+# SGLang's default ladder tops out near here on an 80 GB card for an 8B model.
+_DEFAULT_CUDA_GRAPH_MAX_BS = 160
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -74,7 +80,14 @@ class ModelRunner:
         max_total_tokens: int | None = None,
         mem_fraction_static: float | None = None,
         max_context_length: int | None = None,
+        attention_backend: str = "auto",
+        cuda_graph_max_bs: int | None = None,
+        disable_cuda_graph: bool = False,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """``weights``: tensors already in memory, by checkpoint name (the model folder then only
+        supplies config.json); used to run weights built elsewhere, e.g. shared with another
+        framework in one process."""
         started = time.perf_counter()
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -96,7 +109,10 @@ class ModelRunner:
             self.context_length = max_context_length
         self.page_size = page_size
 
-        weights = load_weights(self.model_path, cfg, self.dtype, self.device)
+        if weights is None:
+            weights = load_weights(self.model_path, cfg, self.dtype, self.device)
+        else:
+            weights = dict(weights)
         rotary = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.context_length, self.dtype, self.device
         )
@@ -106,9 +122,12 @@ class ModelRunner:
 
         shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
         self.kv_pool = KVPool(shape, self._num_pages(shape, max_total_tokens, mem_fraction_static), page_size)
-        self.attn_backend: AttentionBackend = TorchAttentionBackend(
-            self.kv_pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
-        )
+        self.attn_backend = self._make_backend(attention_backend)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not disable_cuda_graph and self.attn_backend.uses_page_table:
+            from armature.engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, cuda_graph_max_bs or _DEFAULT_CUDA_GRAPH_MAX_BS)
         log.info(
             "loaded %s (%s, %d layers) on %s %s in %.1fs; KV pool %d pages x %d tokens",
             self.model_path,
@@ -120,6 +139,26 @@ class ModelRunner:
             self.kv_pool.total_pages,
             page_size,
         )
+
+    def _make_backend(self, name: str) -> AttentionBackend:
+        cfg = self.model_config
+        if name == "auto":
+            name = "triton" if self.device.type == "cuda" else "torch"
+        args = (self.kv_pool, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+        if name == "torch":
+            return TorchAttentionBackend(*args)
+        if name == "triton":
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1)")
+            from armature.engine.attention.triton_backend import TritonAttentionBackend
+
+            return TritonAttentionBackend(*args)
+        raise ValueError(f"unknown attention backend {name!r}; use auto, torch or triton")
+
+    def recapture_graphs(self) -> None:
+        """Weights or KV buffers moved: graphs hold their old addresses."""
+        if self.graphs is not None:
+            self.graphs.capture()
 
     def _num_pages(self, shape: KVShape, max_total_tokens: int | None, mem_fraction: float | None) -> int:
         if max_total_tokens is not None:
@@ -157,6 +196,10 @@ class ModelRunner:
                 f"a sequence of {longest} tokens exceeds the context length {self.context_length}"
             )
         with torch.inference_mode():
+            graphs = self.graphs
+            if graphs is not None and batch.mode is ForwardMode.DECODE and graphs.fits(batch):
+                if not any(batch.return_all_logits):
+                    return graphs.replay(batch)
             self.attn_backend.prepare(batch)
             return self.model.forward(
                 batch.input_ids.to(self.device, non_blocking=True),

@@ -71,6 +71,12 @@ class ServerArgs:
     random_seed: int = 0
     dp_size: int = 1
     skip_tokenizer_init: bool = False
+    # GPU: attention kernels (auto = triton on CUDA, torch on CPU), decode CUDA graphs up to this
+    # batch size, and overlapping the next step's host work with the current forward.
+    attention_backend: str = "auto"
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False
     log_level: str = "error"
 
     def __post_init__(self) -> None:
@@ -99,6 +105,10 @@ class ServerArgs:
             raise ServerArgsError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ServerArgsError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ServerArgsError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs <= 0:
+            raise ServerArgsError(f"cuda_graph_max_bs must be positive, got {self.cuda_graph_max_bs}")
         if self.kv_events_config:
             KvEventsConfig.from_json(self.kv_events_config)
 

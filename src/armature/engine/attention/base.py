@@ -17,6 +17,9 @@ from armature.engine.kv_pool import KVPool
 
 
 class AttentionBackend(ABC):
+    # True: reads ForwardBatch.page_table (kv_indices may be empty); False: reads kv_indices.
+    uses_page_table = False
+
     def __init__(
         self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, scale: float
     ) -> None:

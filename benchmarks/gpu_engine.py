@@ -1,0 +1,539 @@
+"""The native engine on one GPU vs the device's rooflines and vs transformers, same weights, same run.
+
+Runs in one call on a machine with a CUDA GPU (the `device` tool's H100), with nothing fetched:
+it builds a Llama-3-8B-shaped and a Qwen3-0.6B-shaped model with random bf16 weights (transformers'
+own initialisation: normal(0, 0.02) matrices, unit norms) directly on the GPU, hands the very same
+tensors to our engine (no copy on disk), and measures:
+
+  0. the device: copy bandwidth (bytes read + written) and the bf16 matmul rate (8192^3);
+  1. correctness: greedy tokens of 32 prompts (first 32 tokens) vs transformers' greedy
+     `generate`, and first-step logits ||ours - ref|| / ||ref||;               (both shapes)
+  2. batch-1 decode at a 1k-token context vs bandwidth / (weight + KV bytes per step);  (8B)
+  3. 64 concurrent requests, 512 in / 256 out, vs the memory-bound ceiling; a mixed set
+     (inputs 128-1024, outputs 64-512) beside transformers' static `generate` and
+     `generate_batch` (continuous batching) on the same requests;                       (8B)
+  4. prefill of one 4,096-token prompt as a share of the measured matmul rate;           (8B)
+  5. 32 requests sharing a 2,048-token prefix: TTFT p50 with the radix cache vs without. (8B)
+
+Prints a table and writes JSON (default benchmarks/results/gpu_engine.json, or --out).
+
+    python benchmarks/gpu_engine.py                      # everything (about 7 minutes on an H100)
+    python benchmarks/gpu_engine.py --skip-hf-throughput # leave out transformers' slow baselines
+    python benchmarks/gpu_engine.py --shapes qwen3-0.6b --sections correctness
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from armature.engine.api import GenerateOutput, GenerateRequest, SamplingParams  # noqa: E402
+from armature.engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(
+        arch="LlamaForCausalLM",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "qwen3-0.6b": dict(
+        arch="Qwen3ForCausalLM",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=8192,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+}
+SECTIONS = ("correctness", "decode", "throughput", "prefill", "radix")
+DEVICE = "cuda"  # a CPU smoke run of the script's logic sets "cpu"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- the device's two ceilings ------------------------------------------------------------------
+
+
+def _time_cuda(fn: Any, reps: int) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs, timed with CUDA events after a warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def device_ceilings() -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(0)
+    n = 1 << 30  # 2 GiB of bf16: far beyond the L2
+    src = torch.randn(n, dtype=torch.bfloat16, device=DEVICE)
+    dst = torch.empty_like(src)
+    t = _time_cuda(lambda: dst.copy_(src), 20)
+    bandwidth = 2 * src.numel() * src.element_size() / t
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=DEVICE)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=DEVICE)
+    t = _time_cuda(lambda: a @ b, 20)
+    flops = 2 * m**3 / t
+    del a, b
+    torch.cuda.empty_cache()
+    return {
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "copy_bandwidth_gbs": round(bandwidth / 1e9, 1),
+        "bf16_matmul_tflops": round(flops / 1e12, 1),
+        "torch": torch.__version__,
+    }
+
+
+# --- models with random weights, shared by transformers and our engine -------------------------
+
+
+def build_hf_model(shape: str, seed: int) -> tuple[Any, Any]:
+    import transformers
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    config_cls = transformers.LlamaConfig if arch == "LlamaForCausalLM" else transformers.Qwen3Config
+    cfg = config_cls(**spec, attention_bias=False)
+    cfg.architectures = [arch]
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            model = getattr(transformers, arch)._from_config(cfg, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval()
+    model.generation_config.pad_token_id = spec["eos_token_id"]
+    return model, cfg
+
+
+def weight_bytes(model: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def matmul_params(cfg: Any) -> int:
+    """Parameters that take part in a token's matmuls (all but the embedding lookup)."""
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = cfg.head_dim
+    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd
+    per_layer = qkv + cfg.num_attention_heads * hd * h + 3 * h * i
+    return layers * per_layer + cfg.vocab_size * h
+
+
+def kv_bytes_per_token(cfg: Any) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+
+
+def make_engine(model: Any, cfg: Any, folder: Path, **overrides: Any) -> Any:
+    from armature.engine import Engine
+
+    cfg.to_json_file(str(folder / "config.json"))
+    kwargs: dict[str, Any] = dict(
+        model_path=str(folder),
+        dtype="bfloat16",
+        device=DEVICE,
+        skip_tokenizer_init=True,
+        mem_fraction_static=0.45,
+        context_length=8192,
+        max_running_requests=128,
+        cuda_graph_max_bs=64,
+    )
+    kwargs.update(overrides)
+    weights = dict(model.state_dict())
+    return Engine(weights=weights, **kwargs)
+
+
+# --- driving our engine with timestamps -------------------------------------------------------
+
+
+@dataclass
+class Timed:
+    sent: float
+    stamps: list[float] = field(default_factory=list)  # one per token
+    tokens: list[int] = field(default_factory=list)
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, out: GenerateOutput) -> None:
+        now = time.perf_counter()
+        self.stamps.extend([now] * len(out.token_ids))
+        self.tokens.extend(out.token_ids)
+        if out.finished:
+            self.error = out.error
+            self.done.set()
+
+    @property
+    def ttft(self) -> float:
+        return self.stamps[0] - self.sent
+
+
+def run_requests(eng: Any, prompts: list[list[int]], outputs: list[int], tag: str) -> tuple[list[Timed], float]:
+    """Submit every request at once; wait for all. Returns per-request timings and wall seconds."""
+    timed: list[Timed] = []
+    start = time.perf_counter()
+    for i, (p, n) in enumerate(zip(prompts, outputs)):
+        t = Timed(time.perf_counter())
+        sp = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+        eng.submit(GenerateRequest(rid=f"{tag}-{i}", input_ids=p, sampling=sp), t)
+        timed.append(t)
+    for t in timed:
+        if not t.done.wait(600):
+            raise TimeoutError(f"{tag}: a request did not finish")
+        if t.error:
+            raise RuntimeError(f"{tag}: {t.error}")
+    return timed, time.perf_counter() - start
+
+
+def random_prompts(n: int, lens: list[int], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(lens[i % len(lens)])] for i in range(n)]
+
+
+def first_step_logits(eng: Any, prompt: list[int]) -> torch.Tensor:
+    """Our logits for the token after ``prompt``, from a prefill forward on the engine's thread."""
+    runner = eng.runner
+
+    def forward() -> torch.Tensor:
+        pool = runner.kv_pool
+        ps = pool.page_size
+        pages = pool.alloc(-(-len(prompt) // ps))
+        try:
+            n = len(prompt)
+            uses_pages = runner.attn_backend.uses_page_table
+            slots = pool.new_token_slots(pages, 0, n)
+            batch = ForwardBatch(
+                mode=ForwardMode.EXTEND,
+                input_ids=torch.tensor(prompt),
+                positions=torch.arange(n),
+                out_cache_loc=torch.tensor(slots),
+                extend_lens=[n],
+                prefix_lens=[0],
+                kv_indices=[] if uses_pages else [torch.tensor(slots, device=runner.device)],
+                return_all_logits=[False],
+                page_table=[pages] if uses_pages else None,
+            )
+            return runner.forward(batch)[0].float().cpu()
+        finally:
+            pool.free(pages)
+
+    return eng.run_in_loop(forward).result()
+
+
+# --- the sections -------------------------------------------------------------------------------
+
+
+def correctness(eng: Any, model: Any, cfg: Any, n_prompts: int = 32, new_tokens: int = 32) -> dict[str, Any]:
+    lens = [24, 57, 100, 213]  # 4 groups of equal length: transformers runs each group unpadded
+    prompts = random_prompts(n_prompts, lens, cfg.vocab_size, seed=11)
+    ours, _ = run_requests(eng, prompts, [new_tokens] * n_prompts, "ok")
+    ref: dict[int, list[int]] = {}
+    with torch.inference_mode():
+        for length in lens:
+            idx = [i for i, p in enumerate(prompts) if len(p) == length]
+            ids = torch.tensor([prompts[i] for i in idx], device=DEVICE)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+            )
+            for row, i in enumerate(idx):
+                ref[i] = out[row, length:].tolist()
+        rel = []
+        for p in prompts[:: max(1, n_prompts // 8)]:
+            want = model(torch.tensor([p], device=DEVICE)).logits[0, -1].float().cpu()
+            got = first_step_logits(eng, p)
+            rel.append(float((got - want).norm() / want.norm()))
+    matches = [ours[i].tokens[:new_tokens] == ref[i] for i in range(n_prompts)]
+    first_diff = [
+        next((j for j, (a, b) in enumerate(zip(ours[i].tokens, ref[i])) if a != b), new_tokens)
+        for i in range(n_prompts)
+    ]
+    return {
+        "prompts": n_prompts,
+        "tokens_compared": new_tokens,
+        "exact_match_share": sum(matches) / n_prompts,
+        "mean_first_divergence": statistics.mean(first_diff),
+        "logits_rel_err_max": max(rel),
+        "logits_rel_err_mean": statistics.mean(rel),
+    }
+
+
+def decode_batch1(eng: Any, cfg: Any, ceilings: dict[str, Any], wbytes: int) -> dict[str, Any]:
+    ctx, new = 1024, 256
+    prompt = random_prompts(1, [ctx], cfg.vocab_size, seed=21)
+    run_requests(eng, prompt, [16], "warm-b1")
+    timed, _ = run_requests(eng, random_prompts(1, [ctx], cfg.vocab_size, seed=22), [new], "b1")
+    t = timed[0]
+    gaps = [b - a for a, b in zip(t.stamps, t.stamps[1:])]
+    tok_s = (len(t.stamps) - 1) / (t.stamps[-1] - t.stamps[0])
+    step_bytes = wbytes + kv_bytes_per_token(cfg) * (ctx + new / 2)
+    roofline = ceilings["copy_bandwidth_gbs"] * 1e9 / step_bytes
+    return {
+        "context": ctx,
+        "new_tokens": new,
+        "tok_s": round(tok_s, 1),
+        "itl_p50_ms": round(statistics.median(gaps) * 1e3, 3),
+        "roofline_tok_s": round(roofline, 1),
+        "share_of_roofline": round(tok_s / roofline, 3),
+    }
+
+
+def throughput(eng: Any, cfg: Any, ceilings: dict[str, Any], wbytes: int, hf: Any | None) -> dict[str, Any]:
+    n = 64
+    prompts = random_prompts(n, [512], cfg.vocab_size, seed=31)
+    run_requests(eng, random_prompts(n, [64], cfg.vocab_size, seed=30), [8] * n, "warm-tp")
+    timed, wall = run_requests(eng, prompts, [256] * n, "uniform")
+    tok_s = n * 256 / wall
+    mean_ctx = 512 + 256 / 2
+    ceiling = ceilings["copy_bandwidth_gbs"] * 1e9 / (wbytes + kv_bytes_per_token(cfg) * mean_ctx * n) * n
+    out: dict[str, Any] = {
+        "uniform": {
+            "requests": n,
+            "tok_s": round(tok_s, 1),
+            "ceiling_tok_s": round(ceiling, 1),
+            "share_of_ceiling": round(tok_s / ceiling, 3),
+            "ttft_p50_s": round(statistics.median(t.ttft for t in timed), 3),
+        }
+    }
+    rng = random.Random(41)
+    in_lens = [rng.randint(128, 1024) for _ in range(n)]
+    out_lens = [rng.randint(64, 512) for _ in range(n)]
+    mixed = [[rng.randrange(100, cfg.vocab_size - 100) for _ in range(k)] for k in in_lens]
+    timed, wall = run_requests(eng, mixed, out_lens, "mixed")
+    useful = sum(out_lens)
+    out["mixed"] = {"requests": n, "useful_tokens": useful, "armature_tok_s": round(useful / wall, 1)}
+    if hf is not None:
+        out["mixed"].update(hf_throughput(hf, mixed, out_lens))
+        out["uniform"]["transformers_static_tok_s"] = hf_static(hf, prompts, [256] * n)
+    return out
+
+
+def hf_static(model: Any, prompts: list[list[int]], out_lens: list[int]) -> float:
+    """transformers' static batched generate: one left-padded batch, everyone runs to the longest
+    output; only the tokens each request asked for count."""
+    width = max(len(p) for p in prompts)
+    pad = model.generation_config.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
+    _sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=max(out_lens), min_new_tokens=max(out_lens),
+            do_sample=False, eos_token_id=None,
+        )
+    _sync()
+    return round(sum(out_lens) / (time.perf_counter() - start), 1)
+
+
+def hf_throughput(model: Any, prompts: list[list[int]], out_lens: list[int]) -> dict[str, Any]:
+    res: dict[str, Any] = {"transformers_static_tok_s": hf_static(model, prompts, out_lens)}
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=False, eos_token_id=None)
+        _sync()
+        start = time.perf_counter()
+        # Not under inference_mode: its paged cache updates tensors in place (it uses no_grad).
+        results = model.generate_batch(inputs=prompts, generation_config=gen)
+        _sync()
+        wall = time.perf_counter() - start
+        got = [len(r.generated_tokens) for r in results.values()]
+        if len(got) != len(prompts) or min(got) < max(out_lens):
+            raise RuntimeError(f"generate_batch returned {len(got)} results, shortest {min(got, default=0)} tokens")
+        res["transformers_generate_batch_tok_s"] = round(sum(out_lens) / wall, 1)
+    except Exception as exc:  # an API difference across transformers versions: say so, keep going
+        res["transformers_generate_batch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return res
+
+
+def prefill(eng: Any, cfg: Any, ceilings: dict[str, Any]) -> dict[str, Any]:
+    n = 4096
+    run_requests(eng, random_prompts(1, [n], cfg.vocab_size, seed=50), [1], "warm-pf")
+    ttfts = []
+    for k in range(5):
+        timed, _ = run_requests(eng, random_prompts(1, [n], cfg.vocab_size, seed=51 + k), [1], f"pf{k}")
+        ttfts.append(timed[0].ttft)
+    t = statistics.median(ttfts)
+    attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2  # causal
+    flops = 2 * matmul_params(cfg) * n + attn
+    rate = flops / t
+    return {
+        "tokens": n,
+        "ttft_s": round(t, 4),
+        "model_tflops": round(rate / 1e12, 1),
+        "share_of_matmul_rate": round(rate / (ceilings["bf16_matmul_tflops"] * 1e12), 3),
+    }
+
+
+def radix(eng: Any, cfg: Any) -> dict[str, Any]:
+    prefix = random_prompts(1, [2048], cfg.vocab_size, seed=61)[0]
+    suffixes = random_prompts(32, [32], cfg.vocab_size, seed=62)
+    run_requests(eng, [prefix + [7] * 16], [1], "rx-warm")  # the prefix enters the cache (if on)
+    timed, wall = run_requests(eng, [prefix + s for s in suffixes], [8] * 32, "rx")
+    ttfts = sorted(t.ttft for t in timed)
+    return {"requests": 32, "prefix": 2048, "ttft_p50_s": round(statistics.median(ttfts), 4), "wall_s": round(wall, 3)}
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def run_shape(shape: str, sections: set[str], ceilings: dict[str, Any], hf_tp: bool) -> dict[str, Any]:
+    log(f"{shape}: building random bf16 weights on the GPU")
+    model, cfg = build_hf_model(shape, seed=0)
+    wbytes = weight_bytes(model)
+    res: dict[str, Any] = {"weight_gb": round(wbytes / 1e9, 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        eng = make_engine(model, cfg, Path(tmp))
+        res["engine_start_s"] = round(time.perf_counter() - t0, 1)
+        log(f"{shape}: engine ready in {res['engine_start_s']}s")
+        try:
+            if "correctness" in sections:
+                res["correctness"] = correctness(eng, model, cfg)
+                log(f"{shape}: correctness {res['correctness']}")
+            if shape == "llama3-8b":
+                if "decode" in sections:
+                    res["decode_b1"] = decode_batch1(eng, cfg, ceilings, wbytes)
+                    log(f"decode b1 {res['decode_b1']}")
+                if "prefill" in sections:
+                    res["prefill"] = prefill(eng, cfg, ceilings)
+                    log(f"prefill {res['prefill']}")
+                if "throughput" in sections:
+                    res["throughput"] = throughput(eng, cfg, ceilings, wbytes, model if hf_tp else None)
+                    log(f"throughput {res['throughput']}")
+                if "radix" in sections:
+                    res["radix_on"] = radix(eng, cfg)
+        finally:
+            eng.shutdown()
+        if shape == "llama3-8b" and "radix" in sections:
+            del eng
+            torch.cuda.empty_cache()
+            eng = make_engine(model, cfg, Path(tmp), disable_radix_cache=True)
+            try:
+                res["radix_off"] = radix(eng, cfg)
+            finally:
+                eng.shutdown()
+            res["radix_ttft_gain"] = round(res["radix_off"]["ttft_p50_s"] / res["radix_on"]["ttft_p50_s"], 2)
+            log(f"radix on {res['radix_on']} off {res['radix_off']}")
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def print_table(report: dict[str, Any]) -> None:
+    c = report["device"]
+    print(f"\n{c['gpu']}: copy {c['copy_bandwidth_gbs']} GB/s, bf16 matmul {c['bf16_matmul_tflops']} TFLOP/s")
+    rows: list[tuple[str, str, str]] = []
+    for shape, r in report["shapes"].items():
+        if "correctness" in r:
+            k = r["correctness"]
+            rows.append((f"{shape} greedy 32 tok == transformers", f"{k['exact_match_share']:.0%} of prompts", ">= 90%"))
+            rows.append((f"{shape} first-step logits rel err", f"{k['logits_rel_err_max']:.2e} (max)", "<= 1e-2"))
+        if "decode_b1" in r:
+            d = r["decode_b1"]
+            rows.append(("8B batch-1 decode, 1k ctx", f"{d['tok_s']} tok/s = {d['share_of_roofline']:.0%} of {d['roofline_tok_s']}", ">= 80%"))
+        if "throughput" in r:
+            u = r["throughput"]["uniform"]
+            rows.append(("8B 64 x (512 in, 256 out)", f"{u['tok_s']} tok/s = {u['share_of_ceiling']:.0%} of {u['ceiling_tok_s']}", ">= 50%"))
+            m = r["throughput"]["mixed"]
+            extra = ", ".join(f"{k.removeprefix('transformers_')} {v}" for k, v in m.items() if k.startswith("transformers_"))
+            rows.append(("8B mixed 64 useful tok/s", f"ours {m['armature_tok_s']}; {extra}", "report"))
+        if "prefill" in r:
+            p = r["prefill"]
+            rows.append(("8B prefill 4096 tok", f"{p['ttft_s']}s, {p['model_tflops']} TFLOP/s = {p['share_of_matmul_rate']:.0%}", ">= 50%"))
+        if "radix_ttft_gain" in r:
+            rows.append(("8B radix hit TTFT p50 gain", f"{r['radix_ttft_gain']}x ({r['radix_on']['ttft_p50_s']}s vs {r['radix_off']['ttft_p50_s']}s)", ">= 5x"))
+    w = max(len(a) for a, _, _ in rows)
+    v = max(len(b) for _, b, _ in rows)
+    print(f"{'measure':<{w}}  {'result':<{v}}  bar")
+    for a, b, bar in rows:
+        print(f"{a:<{w}}  {b:<{v}}  {bar}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama3-8b,qwen3-0.6b")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--skip-hf-throughput", action="store_true", help="leave out transformers' throughput runs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_engine.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_engine.py needs a CUDA GPU")
+    sections = set(args.sections.split(","))
+    started = time.perf_counter()
+    ceilings = device_ceilings()
+    log(f"device {ceilings}")
+    report: dict[str, Any] = {"device": ceilings, "date": time.strftime("%Y-%m-%d"), "shapes": {}}
+    for shape in args.shapes.split(","):
+        report["shapes"][shape] = run_shape(shape, sections, ceilings, not args.skip_hf_throughput)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(f"\nwrote {out} ({report['wall_s']}s)")
+
+
+if __name__ == "__main__":
+    main()
