@@ -48,7 +48,7 @@ def _worker_argv(rest: list[str]) -> list[str]:
 
 async def _serve(opts: argparse.Namespace, worker_argv: list[str]) -> int:
     from armature.frontend.args import parse_args as parse_frontend_args
-    from armature.frontend.main import HttpServer, build_frontend, uvicorn_config
+    from armature.frontend.main import build_frontend, http_server
     from armature.runtime.runtime import DistributedRuntime
     from armature.sglang.args import ConfigError
     from armature.sglang.args import parse_args as parse_worker_args
@@ -77,18 +77,19 @@ async def _serve(opts: argparse.Namespace, worker_argv: list[str]) -> int:
         frontend = build_frontend(runtime, fe_args)
         await frontend.start()
         await frontend.wait_for_model(worker_cfg.server.served_model_name, timeout_s=60.0)
-        server = HttpServer(uvicorn_config(frontend, fe_args))
-        serving = asyncio.ensure_future(server.serve())
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.02)
-        if server.started:
-            scheme = "https" if fe_args.tls_cert_path else "http"
-            print(
-                f"Armature is serving {worker_cfg.server.served_model_name!r} at "
-                f"{scheme}://{opts.host}:{opts.port}/v1 (ready in {time.monotonic() - started:.1f} s)",
-                flush=True,
-            )
-        await serving
+        server = http_server(frontend, fe_args)
+        try:
+            await server.start()
+        except OSError as exc:
+            print(f"error: cannot listen on {opts.host}:{opts.port}: {exc}", file=sys.stderr)
+            return 1
+        scheme = "https" if fe_args.tls_cert_path else "http"
+        print(
+            f"Armature is serving {worker_cfg.server.served_model_name!r} at "
+            f"{scheme}://{opts.host}:{opts.port}/v1 (ready in {time.monotonic() - started:.1f} s)",
+            flush=True,
+        )
+        await server.serve()
         return 0 if server.started else 1
     finally:
         if frontend is not None:

@@ -1,16 +1,14 @@
-"""Run the frontend: runtime (discovery + request plane client) → ``Frontend`` → uvicorn."""
+"""Run the frontend: runtime (discovery + request plane client) → ``Frontend`` → ``HttpServer``."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
-from collections.abc import Generator, Sequence
-
-import uvicorn
+from collections.abc import Sequence
 
 from armature.frontend.args import FrontendArgs, parse_args
+from armature.frontend.http_server import HttpServer, tls_context
 from armature.frontend.metrics import FrontendMetrics
 from armature.frontend.models import DiscoveryModelSource
 from armature.frontend.server import Frontend
@@ -40,35 +38,13 @@ def build_frontend(runtime: DistributedRuntime, args: FrontendArgs) -> Frontend:
     return Frontend(source, runtime_client_factory(runtime), args.frontend_config(), metrics, router_factory)
 
 
-class HttpServer(uvicorn.Server):
-    """uvicorn's server, minus re-raising the signal that stopped it.
-
-    uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the same signal again with the
-    previous handler in place, so the process dies "by signal" (exit -15) after a clean drain. The
-    frontend still has its runtime to close after that, and a clean shutdown should exit 0.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        with super().capture_signals():
-            yield
-            captured = getattr(self, "_captured_signals", None)
-            if captured:
-                log.info("shutting down on signal %s", ", ".join(str(s) for s in captured))
-                captured.clear()
-
-
-def uvicorn_config(frontend: Frontend, args: FrontendArgs) -> uvicorn.Config:
-    return uvicorn.Config(
-        frontend.app,
+def http_server(frontend: Frontend, args: FrontendArgs) -> HttpServer:
+    return HttpServer(
+        frontend,
         host=args.http_host,
         port=args.http_port,
-        log_level=args.log_level.lower(),
-        access_log=False,
-        ssl_certfile=args.tls_cert_path,
-        ssl_keyfile=args.tls_key_path,
-        timeout_graceful_shutdown=max(1, int(args.graceful_shutdown_timeout_s)),
-        lifespan="off",
+        ssl_context=tls_context(args.tls_cert_path, args.tls_key_path),
+        graceful_timeout_s=max(1.0, float(args.graceful_shutdown_timeout_s)),
     )
 
 
@@ -77,11 +53,17 @@ async def serve(args: FrontendArgs) -> int:
     await runtime.start()
     frontend = build_frontend(runtime, args)
     await frontend.start()
-    server = HttpServer(uvicorn_config(frontend, args))
-    scheme = "https" if args.tls_cert_path else "http"
-    log.info("frontend listening on %s://%s:%d (router %s)", scheme, args.http_host, args.http_port, args.router_mode.value)
+    server = http_server(frontend, args)
     try:
-        # uvicorn owns SIGTERM/SIGINT here: it stops accepting, lets requests finish within the
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", args.http_host, args.http_port, exc)
+            return 1
+        scheme = "https" if args.tls_cert_path else "http"
+        log.info("frontend listening on %s://%s:%d (router %s)", scheme, args.http_host, args.http_port,
+                 args.router_mode.value)  # fmt: skip
+        # The server owns SIGTERM/SIGINT here: it stops accepting, lets requests finish within the
         # graceful timeout, then returns.
         await server.serve()
     finally:

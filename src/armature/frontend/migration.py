@@ -105,15 +105,32 @@ class MigratingStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[LLMEngineOutput]:
+        async for batch in self.batches():
+            for out in batch:
+                yield out
+
+    async def batches(self) -> AsyncIterator[list[LLMEngineOutput]]:
+        """The outputs in bursts: each is what had arrived by the time the caller asked.
+
+        A caller that keeps up gets one output at a time; one that fell behind gets everything
+        already buffered at once, so it can answer a burst with one write.
+        """
         if self._stream is None:
             await self.open()
         while True:
-            assert self._stream is not None
+            stream = self._stream
+            assert stream is not None
+            take = getattr(stream, "take_buffered", None)
             try:
-                async for out in self._stream:
-                    if out.token_ids:
-                        self._generated.extend(out.token_ids)
-                    yield out
+                async for out in stream:
+                    batch = [out]
+                    if take is not None:
+                        batch += take()
+                    generated = self._generated
+                    for o in batch:
+                        if o.token_ids:
+                            generated.extend(o.token_ids)
+                    yield batch
                 return
             except RequestPlaneError as exc:
                 self._retry_or_raise(exc, "ongoing_request" if self._generated else "new_request")

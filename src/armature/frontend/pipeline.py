@@ -106,38 +106,46 @@ class RequestPipeline:
             self._itl.observe((now - self._last_token_at) / delta_tokens)
         self._last_token_at = now
 
-    async def _run_one(self, run: ChoiceRun) -> AsyncIterator[ChoiceDelta]:
+    async def _run_one(self, run: ChoiceRun) -> AsyncIterator[list[ChoiceDelta]]:
         saw_finish = False
+        post = run.post
         try:
-            async for out in run.stream:
-                before = run.post.completion_tokens
-                delta = run.post.process(out)
-                self._observe(run.post.completion_tokens - before)
-                if delta is not None:
-                    yield delta
-                    if delta.finish_reason is not None:
-                        saw_finish = True
-                        if delta.stopped_early:
-                            run.context.kill()
-                        return
+            async for batch in run.stream.batches():
+                before = post.completion_tokens
+                deltas: list[ChoiceDelta] = []
+                for out in batch:
+                    delta = post.process(out)
+                    if delta is not None:
+                        deltas.append(delta)
+                        if delta.finish_reason is not None:
+                            saw_finish = True
+                            break
+                self._observe(post.completion_tokens - before)
+                if deltas:
+                    yield deltas
+                if saw_finish:
+                    if deltas[-1].stopped_early:
+                        run.context.kill()
+                    return
             if not saw_finish:
                 raise EngineStreamError("the worker's stream ended before the sequence finished")
         finally:
             if not saw_finish:
                 run.context.kill()
 
-    async def deltas(self) -> AsyncIterator[tuple[ChoiceRun, ChoiceDelta]]:
+    async def batches(self) -> AsyncIterator[tuple[ChoiceRun, list[ChoiceDelta]]]:
+        """Each choice's deltas in bursts (what had arrived when asked), choices interleaved."""
         if len(self.runs) == 1:
             run = self.runs[0]
-            async for delta in self._run_one(run):
-                yield run, delta
+            async for deltas in self._run_one(run):
+                yield run, deltas
             return
-        queue: asyncio.Queue[tuple[ChoiceRun, ChoiceDelta] | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[ChoiceRun, list[ChoiceDelta]] | BaseException | None] = asyncio.Queue()
 
         async def pump(run: ChoiceRun) -> None:
             try:
-                async for delta in self._run_one(run):
-                    queue.put_nowait((run, delta))
+                async for deltas in self._run_one(run):
+                    queue.put_nowait((run, deltas))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
                 queue.put_nowait(exc)
                 return
@@ -158,6 +166,12 @@ class RequestPipeline:
             for t in tasks:
                 t.cancel()
             self.cancel()
+
+    async def deltas(self) -> AsyncIterator[tuple[ChoiceRun, ChoiceDelta]]:
+        """Every delta on its own, in order."""
+        async for run, deltas in self.batches():
+            for delta in deltas:
+                yield run, delta
 
     def record_end(self, ok: bool, endpoint: str, streaming: bool) -> None:
         name = self.model.name

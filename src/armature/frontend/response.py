@@ -7,7 +7,6 @@ encoding it with msgspec: nothing per token builds a dict or a pydantic model.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from armature.frontend.detokenize import TokenTextCache
@@ -30,13 +29,14 @@ from armature.frontend.openai import (
     json_encoder,
 )
 from armature.frontend.pipeline import ChoiceRun, RequestPipeline
-from armature.frontend.postprocess import TokenLogprob
+from armature.frontend.postprocess import ChoiceDelta, TokenLogprob
 from armature.frontend.sse import DONE, frame
 from armature.protocols.llm import TopLogprob
+from armature.runtime.context import new_request_id
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{new_request_id()}"
 
 
 def usage_of(p: RequestPipeline) -> Usage:
@@ -114,19 +114,22 @@ async def chat_stream(p: RequestPipeline, include_usage: bool, continuous_usage:
         skeletons[run.index] = chunk
     single = len(p.runs) == 1
     tail = b""
-    async for run, delta in p.deltas():
+    encode = json_encoder.encode
+    async for run, deltas in p.batches():
         chunk = skeletons[run.index]
         choice = chunk.choices[0]
-        choice.delta.content = delta.text if (delta.text or delta.finish_reason is None) else None
-        choice.finish_reason = delta.finish_reason
-        choice.logprobs = _chat_logprobs(texts, delta.logprobs) if (texts and delta.logprobs) else None
-        if continuous_usage:
-            chunk.usage = usage_of(p)
-        out = frame(json_encoder.encode(chunk))
-        if head:
-            out, head = head + out, b""
-        if single and delta.finish_reason is not None:
-            tail = out  # the sequence's last delta: nothing follows but usage and [DONE]
+        # One event (one token's text) per delta; a burst of them goes out in one write.
+        out = head
+        head = b""
+        for delta in deltas:
+            choice.delta.content = delta.text if (delta.text or delta.finish_reason is None) else None
+            choice.finish_reason = delta.finish_reason
+            choice.logprobs = _chat_logprobs(texts, delta.logprobs) if (texts and delta.logprobs) else None
+            if continuous_usage:
+                chunk.usage = usage_of(p)
+            out += b"data: " + encode(chunk) + b"\n\n"
+        if single and deltas[-1].finish_reason is not None:
+            tail = out  # the sequence's last deltas: nothing follows but usage and [DONE]
             continue
         yield out
     end = head + tail
@@ -175,35 +178,11 @@ async def completion_stream(
     echoed: set[int] = set()
     single = len(p.runs) == 1
     tail = b""
-    async for run, delta in p.deltas():
-        chunk = skeletons[run.index]
-        choice = chunk.choices[0]
-        text = delta.text
-        logprobs = builders[run.index].generated(delta.logprobs or []) if builders else None
-        if p.prepared.echo and run.index not in echoed:
-            echoed.add(run.index)
-            prefix = _echo_text(run, p)
-            if builders:
-                # Prompt logprobs arrive with the first output, so the echo goes out with it.
-                b = builders[run.index]
-                gen = delta.logprobs or []
-                b.offset = 0
-                plp = b.prompt(run)
-                glp = b.generated(gen)
-                logprobs = CompletionLogprobs(
-                    plp.tokens + glp.tokens,
-                    plp.token_logprobs + glp.token_logprobs,
-                    plp.top_logprobs + glp.top_logprobs,
-                    plp.text_offset + glp.text_offset,
-                )
-            text = prefix + text
-        choice.text = text
-        choice.finish_reason = delta.finish_reason
-        choice.logprobs = logprobs
-        if continuous_usage:
-            chunk.usage = usage_of(p)
-        out = frame(json_encoder.encode(chunk))
-        if single and delta.finish_reason is not None:
+    async for run, deltas in p.batches():
+        out = b""
+        for delta in deltas:
+            out += _completion_event(p, run, delta, skeletons, builders, echoed, continuous_usage)
+        if single and deltas[-1].finish_reason is not None:
             tail = out  # written with [DONE], as in chat_stream
             continue
         yield out
@@ -212,6 +191,45 @@ async def completion_stream(
         final = CompletionChunk(rid, "text_completion", created, model, [], usage_of(p))
         end += frame(json_encoder.encode(final))
     yield end + DONE
+
+
+def _completion_event(
+    p: RequestPipeline,
+    run: ChoiceRun,
+    delta: ChoiceDelta,
+    skeletons: dict[int, CompletionChunk],
+    builders: dict[int, _CompletionLogprobBuilder],
+    echoed: set[int],
+    continuous_usage: bool,
+) -> bytes:
+    """One delta of one completion choice as its SSE event."""
+    chunk = skeletons[run.index]
+    choice = chunk.choices[0]
+    text = delta.text
+    logprobs = builders[run.index].generated(delta.logprobs or []) if builders else None
+    if p.prepared.echo and run.index not in echoed:
+        echoed.add(run.index)
+        prefix = _echo_text(run, p)
+        if builders:
+            # Prompt logprobs arrive with the first output, so the echo goes out with it.
+            b = builders[run.index]
+            gen = delta.logprobs or []
+            b.offset = 0
+            plp = b.prompt(run)
+            glp = b.generated(gen)
+            logprobs = CompletionLogprobs(
+                plp.tokens + glp.tokens,
+                plp.token_logprobs + glp.token_logprobs,
+                plp.top_logprobs + glp.top_logprobs,
+                plp.text_offset + glp.text_offset,
+            )
+        text = prefix + text
+    choice.text = text
+    choice.finish_reason = delta.finish_reason
+    choice.logprobs = logprobs
+    if continuous_usage:
+        chunk.usage = usage_of(p)
+    return frame(json_encoder.encode(chunk))
 
 
 async def completion_aggregate(p: RequestPipeline) -> bytes:

@@ -3,6 +3,8 @@
 ``Frontend`` is built from a ``ModelSource`` (where model cards come from) and a client factory
 (how to reach an endpoint), so the standalone ``python -m armature.frontend`` and the embedded
 ``armature serve`` (frontend and worker in one process, in-memory discovery) share all of it.
+It is the ``Application`` that ``http_server.HttpServer`` serves: every route answers with a
+``Reply`` or a ``StreamReply``, and every failure becomes an OpenAI-style error reply.
 """
 
 from __future__ import annotations
@@ -12,16 +14,13 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from armature.frontend.errors import ApiError, from_decode_error
+from armature.frontend.http_server import Application, HttpRequest, Reply, StreamReply
 from armature.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from armature.frontend.models import ClientFactory, ModelManager, ModelSource, RouterFactory, ServedModel
 from armature.frontend.openapi import openapi_document
@@ -37,7 +36,7 @@ from armature.frontend.openai import (
 from armature.frontend.pipeline import RequestPipeline
 from armature.frontend.postprocess import EngineStreamError
 from armature.frontend.response import chat_aggregate, chat_stream, completion_aggregate, completion_stream
-from armature.frontend.sse import DisconnectWatch, StreamResponse, frame
+from armature.frontend.sse import frame
 from armature.router.push import DirectTargetError, NoInstancesError, RouterMode
 from armature.runtime.context import Context
 from armature.runtime.request_plane.base import RequestPlaneError
@@ -58,12 +57,15 @@ class FrontendConfig:
     decode_fallback: bool = False
 
 
-class _JsonBytes(Response):
-    media_type = "application/json"
+Route = Callable[[HttpRequest], Awaitable["Reply | StreamReply"]]
 
 
-def _error_response(err: ApiError) -> Response:
-    return _JsonBytes(err.body(), status_code=err.status)
+def _error_reply(err: ApiError) -> Reply:
+    return Reply(err.status, err.body())
+
+
+def _json_reply(body: Any, status: int = 200) -> Reply:
+    return Reply(status, msgspec.json.encode(body))
 
 
 def _stream_error(err: ApiError) -> bytes:
@@ -86,7 +88,7 @@ def _engine_failure(exc: BaseException) -> ApiError:
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
-class Frontend:
+class Frontend(Application):
     def __init__(
         self,
         source: ModelSource,
@@ -113,7 +115,19 @@ class Frontend:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.app = self._build_app()
+        self._routes: dict[str, dict[str, Route]] = {
+            "/v1/chat/completions": {"POST": self._chat},
+            "/v1/completions": {"POST": self._completions},
+            "/v1/models": {"GET": self._list_models},
+            "/health": {"GET": self._health},
+            "/live": {"GET": self._live},
+            "/metrics": {"GET": self._metrics},
+            "/openapi.json": {"GET": self._openapi},
+        }
+
+    @property
+    def body_limit_bytes(self) -> int:  # type: ignore[override]
+        return self.config.body_limit_bytes
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -155,59 +169,27 @@ class Frontend:
 
     # ---------------------------------------------------------------- app
 
-    def _build_app(self) -> Any:
-        routes = [
-            Route("/v1/chat/completions", self._chat, methods=["POST"]),
-            Route("/v1/completions", self._completions, methods=["POST"]),
-            Route("/v1/models", self._list_models, methods=["GET"]),
-            Route("/health", self._health, methods=["GET"]),
-            Route("/live", self._live, methods=["GET"]),
-            Route("/metrics", self._metrics, methods=["GET"]),
-            Route("/openapi.json", self._openapi, methods=["GET"]),
-        ]
-
-        async def http_error(request: Request, exc: Exception) -> Response:
-            assert isinstance(exc, HTTPException)
-            return _error_response(ApiError(exc.status_code, str(exc.detail)))
-
-        async def api_error(request: Request, exc: Exception) -> Response:
-            assert isinstance(exc, ApiError)
-            return _error_response(exc)
-
-        async def internal_error(request: Request, exc: Exception) -> Response:
-            log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-            return _error_response(_engine_failure(exc))
-
-        starlette = Starlette(
-            routes=routes,
-            exception_handlers={HTTPException: http_error, ApiError: api_error, Exception: internal_error},
-        )
-        generate_routes = {"/v1/chat/completions": True, "/v1/completions": False}
-
-        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            # The two generate routes are the per-token hot path: they skip Starlette's routing
-            # and middleware (a wrapper per SSE chunk) and handle their own errors, exactly as the
-            # exception handlers above would.
-            if scope["type"] == "http" and scope["method"] == "POST":
-                chat = generate_routes.get(scope["path"])
-                if chat is not None:
-                    try:
-                        response = await self._generate(Request(scope, receive), chat)
-                    except ApiError as exc:
-                        response = _error_response(exc)
-                    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
-                        log.exception("unhandled error on %s", scope["path"], exc_info=exc)
-                        response = _error_response(_engine_failure(exc))
-                    await response(scope, receive, send)
-                    return
-            await starlette(scope, receive, send)
-
-        self.starlette = starlette
-        return app  # type: ignore[return-value]
+    async def handle(self, request: HttpRequest) -> Reply | StreamReply:
+        routes = self._routes.get(request.path)
+        if routes is None:
+            return _error_reply(ApiError(404, "Not Found"))
+        route = routes.get("GET" if request.method == "HEAD" else request.method)
+        if route is None:
+            allowed = ", ".join(sorted(set(routes) | ({"HEAD"} if "GET" in routes else set())))
+            reply = _error_reply(ApiError(405, "Method Not Allowed"))
+            reply.headers.append(("allow", allowed))
+            return reply
+        try:
+            return await route(request)
+        except ApiError as exc:
+            return _error_reply(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
+            log.exception("unhandled error on %s", request.path, exc_info=exc)
+            return _error_reply(_engine_failure(exc))
 
     # ---------------------------------------------------------------- helpers
 
-    def _check_auth(self, request: Request) -> None:
+    def _check_auth(self, request: HttpRequest) -> None:
         key = self.config.api_key
         if not key:
             return
@@ -215,26 +197,6 @@ class Frontend:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.config.body_limit_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError as exc:
-                raise ApiError(400, "invalid Content-Length header") from exc
-            if size > limit:
-                # Answer before reading: a huge body is never pulled into memory.
-                raise ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes", code=413)
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code=413)
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _model(self, name: str) -> ServedModel:
         if self.draining:
@@ -262,16 +224,16 @@ class Frontend:
 
     # ---------------------------------------------------------------- OpenAI routes
 
-    async def _chat(self, request: Request) -> Any:
+    async def _chat(self, request: HttpRequest) -> Reply | StreamReply:
         return await self._generate(request, chat=True)
 
-    async def _completions(self, request: Request) -> Any:
+    async def _completions(self, request: HttpRequest) -> Reply | StreamReply:
         return await self._generate(request, chat=False)
 
-    async def _generate(self, request: Request, chat: bool) -> Any:
+    async def _generate(self, request: HttpRequest, chat: bool) -> Reply | StreamReply:
         started = time.monotonic()
         self._check_auth(request)
-        body = await self._read_body(request)
+        body = request.body
         decoder = chat_request_decoder if chat else completion_request_decoder
         try:
             req: ChatCompletionRequest | CompletionRequest = decoder.decode(body)
@@ -299,24 +261,17 @@ class Frontend:
         continuous = bool(opts and opts.continuous_usage_stats)
         if req.stream:
             gen = (chat_stream if chat else completion_stream)(pipeline, include_usage, continuous)
-            return StreamResponse(self._guard_stream(pipeline, gen, endpoint), on_disconnect=pipeline.cancel)
+            return StreamReply(self._guard_stream(pipeline, gen, endpoint), on_disconnect=pipeline.cancel)
         ok = False
-        watch = DisconnectWatch(request.receive)
         try:
-            async with watch:
-                payload = await (chat_aggregate if chat else completion_aggregate)(pipeline)
+            payload = await (chat_aggregate if chat else completion_aggregate)(pipeline)
             ok = True
-            return _JsonBytes(payload)
+            return Reply(200, payload)
         except asyncio.CancelledError:
+            # The client went away (the server cancels the request's task): stop the engine.
             pipeline.cancel()
-            if not watch.disconnected:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
             self.metrics.disconnects.labels(model.name).inc()
-            # Nobody is listening; 499 (client closed request) only shows up in our own logs.
-            return Response(status_code=499)
+            raise
         except Exception as exc:
             raise _engine_failure(exc) from exc
         finally:
@@ -346,14 +301,14 @@ class Frontend:
 
     # ---------------------------------------------------------------- other routes
 
-    async def _list_models(self, request: Request) -> Response:
+    async def _list_models(self, request: HttpRequest) -> Reply:
         self._check_auth(request)
         data = [
             ModelObject(m.name, "model", 0, "armature") for m in sorted(self.models.models(), key=lambda m: m.name)
         ]
-        return _JsonBytes(json_encoder.encode(ModelList("list", data)))
+        return Reply(200, json_encoder.encode(ModelList("list", data)))
 
-    async def _health(self, request: Request) -> Response:
+    async def _health(self, request: HttpRequest) -> Reply:
         models = self.models.models()
         serving = [m for m in models if m.has_instances()]
         status = "draining" if self.draining else ("healthy" if serving else "unhealthy")
@@ -363,15 +318,15 @@ class Frontend:
             "endpoints": sorted({f"dyn://{m.card.endpoint}" for m in serving}),
             "instances": sorted({f"{i:x}" for m in serving for i in m.router.instance_ids()}),
         }
-        return JSONResponse(body, status_code=200 if status == "healthy" else 503)
+        return _json_reply(body, 200 if status == "healthy" else 503)
 
-    async def _live(self, request: Request) -> Response:
+    async def _live(self, request: HttpRequest) -> Reply:
         if self.draining:
-            return JSONResponse({"status": "shutting_down"}, status_code=503)
-        return JSONResponse({"status": "live"})
+            return _json_reply({"status": "shutting_down"}, 503)
+        return _json_reply({"status": "live"})
 
-    async def _metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+    async def _metrics(self, request: HttpRequest) -> Reply:
+        return Reply(200, self.metrics.render(), CONTENT_TYPE)
 
-    async def _openapi(self, request: Request) -> Response:
-        return _JsonBytes(openapi_document(tuple(sorted(m.name for m in self.models.models()))))
+    async def _openapi(self, request: HttpRequest) -> Reply:
+        return Reply(200, openapi_document(tuple(sorted(m.name for m in self.models.models()))))

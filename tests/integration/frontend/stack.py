@@ -1,7 +1,7 @@
 """A real worker (native engine on a tiny random Llama, in this process) behind a real frontend.
 
 Both sides use real code end to end: the worker is ``armature.sglang``'s ``start_worker`` on its own
-``DistributedRuntime``; the frontend has its own runtime and serves HTTP with uvicorn on a free
+``DistributedRuntime``; the frontend has its own runtime and serves HTTP with its ``HttpServer`` on a free
 loopback port. They meet through an in-memory discovery state private to the test and talk over
 the TCP request plane.
 """
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
+from armature.frontend.http_server import HttpServer
 from armature.frontend.main import runtime_client_factory
 from armature.frontend.models import DiscoveryModelSource
 from armature.frontend.server import Frontend, FrontendConfig
@@ -42,17 +41,11 @@ class ServedStack:
         return self.base_url + "/v1"
 
 
-async def start_http(frontend: Frontend) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    config = uvicorn.Config(frontend.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign] # the test owns signals
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, f"http://127.0.0.1:{port}"
+async def start_http(frontend: Frontend) -> tuple[HttpServer, asyncio.Task[None], str]:
+    server = HttpServer(frontend, host="127.0.0.1", port=0)
+    await server.start()
+    task = asyncio.ensure_future(server.serve(install_signal_handlers=False))  # the test owns signals
+    return server, task, f"http://127.0.0.1:{server.bound_port}"
 
 
 async def start_worker_in_process(state: MemoryState, model_path: Path, *extra: str) -> tuple[DistributedRuntime, Any, Any]:
@@ -87,7 +80,7 @@ async def served_stack(model_path: Path, config: FrontendConfig | None = None) -
         await frontend.wait_for_model(MODEL, timeout_s=30)
         yield ServedStack(url, frontend, engine, worker, wrt, frt, state)
     finally:
-        server.should_exit = True
+        server.request_stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
         await frontend.stop()

@@ -137,7 +137,7 @@ async def test_no_worker_is_503_then_serves_when_one_arrives(tiny_llama_path: Pa
             await assert_still_serving(http)
             assert [m["id"] for m in (await http.get("/v1/models")).json()["data"]] == [MODEL]
     finally:
-        server.should_exit = True
+        server.request_stop()
         await asyncio.wait_for(task, 10)
         await frontend.stop()
         if worker is not None:

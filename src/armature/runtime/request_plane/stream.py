@@ -87,6 +87,30 @@ class ResponseStream:
             finally:
                 self._waiter = None
 
+    @property
+    def buffered(self) -> int:
+        """Items that have arrived and not been taken yet."""
+        return len(self._items)
+
+    def take_buffered(self) -> list[Any]:
+        """Every item that has already arrived, without waiting (empty when none).
+
+        A consumer that fell behind handles the burst in one go (one write for several items)
+        instead of one ``__anext__`` round per item; credit flows back as for iteration.
+        Errors and the end of the stream still surface through ``__anext__``.
+        """
+        items = self._items
+        if not items:
+            return []
+        out = list(items)
+        items.clear()
+        if not self._finished:
+            self._consumed += len(out)
+            if self._consumed >= self._credit_every:
+                self._channel.send_control(self._key, FrameKind.CREDIT, self._consumed)
+                self._consumed = 0
+        return out
+
     def stop(self) -> None:
         """Ask the handler to finish early; items it still sends keep arriving."""
         self.context.stop_generating()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 
 from armature.engine.api import (
@@ -23,7 +22,7 @@ from armature.protocols.llm import (
     PreprocessedRequest,
     TopLogprob,
 )
-from armature.runtime.context import Context
+from armature.runtime.context import Context, new_span_id
 from armature.runtime.request_plane.base import EngineShutdown, ErrorKind, RequestPlaneError
 from armature.sglang.handlers.base import BaseWorkerHandler
 
@@ -134,7 +133,7 @@ class DecodeWorkerHandler(BaseWorkerHandler):
         await self.wait_ready()
         if self.shutdown_event.is_set():
             raise EngineShutdown("worker is shutting down")
-        rid = f"{context.id()}-{uuid.uuid4().hex[:8]}"
+        rid = f"{context.id()}-{new_span_id()[:8]}"
         try:
             if self.require_bootstrap and request.bootstrap_info is None:
                 raise InvalidRequestError(
