@@ -242,12 +242,10 @@ class HttpConnection(asyncio.Protocol):
                 if isinstance(reply, StreamReply):
                     await _close_quietly(reply.chunks, reply.on_disconnect)
                 return
-            if request.method == "HEAD" and isinstance(reply, Reply):
-                reply = Reply(reply.status, b"", reply.content_type, reply.headers)
             if isinstance(reply, StreamReply):
                 keep_alive = await self._stream(reply, keep_alive)
             else:
-                self._write_reply(reply, keep_alive)
+                self._write_reply(reply, keep_alive, head_only=request.method == "HEAD")
         except Exception:  # noqa: BLE001 - the app already turns errors into replies; this is a bug
             log.exception("HTTP request %s %s failed", request.method, request.path)
             if not self.closed:
@@ -268,7 +266,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._arm_idle_timer()
 
-    def _write_reply(self, reply: Reply, keep_alive: bool) -> None:
+    def _write_reply(self, reply: Reply, keep_alive: bool, head_only: bool = False) -> None:
         if self.transport is None or self.closed:
             return
         head = [_status_line(reply.status)]
@@ -278,7 +276,8 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             head.append(b"connection: close\r\n")
         head.append(b"\r\n")
-        head.append(reply.body)
+        if not head_only:  # HEAD: the GET's headers (its length included), no body
+            head.append(reply.body)
         self.transport.write(b"".join(head))
 
     def _reply_and_close(self, reply: Reply) -> None:
