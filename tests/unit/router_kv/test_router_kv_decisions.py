@@ -79,6 +79,32 @@ async def test_shared_active_prefix_counts_once() -> None:
     assert router.active_loads()[0].active_decode_blocks == 0
 
 
+async def test_prefix_in_flight_counts_as_cached_before_its_events_arrive() -> None:
+    """A request whose prefix the router just sent to a worker (no KV event yet: its prefill
+    is still running there) goes to that worker, not to a less loaded one that would compute
+    the same prefix again; only its own tail is booked as prefill there."""
+    router = KvRouter(block_size=BS, rng=random.Random(0))
+    for w in (W1, W2):
+        router.register_worker(w)
+    prefix = [f"p{i}" for i in range(8)]
+    router.best_worker(tokens(*prefix, "x"), request_id="a", hints=RoutingHints(backend_instance_id=W1))
+    # W2 runs a foreign request whose prefill is done: less load than W1's pending prefill.
+    router.best_worker(tokens(*[f"f{i}" for i in range(9)]), request_id="f", hints=RoutingHints(backend_instance_id=W2))
+    router.mark_prefill_completed("f")
+    assert router.find_matches(tokens(*prefix)).scores == {}  # nothing reported cached anywhere
+
+    costs = {c.worker_id: c for c in router.potential_loads(tokens(*prefix, "y"))}
+    assert costs[W1].overlap_blocks == 8
+    assert costs[W1].prefill_tokens == 9 * BS + BS  # a's pending prefill + b's own tail block
+    assert costs[W2].overlap_blocks == 0
+
+    b = router.best_worker(tokens(*prefix, "y"), request_id="b")
+    assert (b.worker_id, b.overlap_blocks, b.prefill_tokens) == (W1, 8, BS)
+    loads = {x.worker_id: x for x in router.active_loads()}
+    assert loads[W1].active_prefill_tokens == 9 * BS + BS
+    assert loads[W1].active_decode_blocks == 10  # the shared prefix once, x and y
+
+
 async def test_overlap_weight_override_trades_cache_for_load() -> None:
     router, _, _ = await seeded_router()
     # Load w1 heavily with decode blocks; cache says w1 for ACD*, load says w2.

@@ -2,10 +2,20 @@
 
 For each candidate::
 
-    overlap        = blocks of the request's prefix already cached there (indexer)
+    cached         = blocks of the request's prefix already cached there (indexer)
+    in_flight      = leading request blocks that requests routed there and not yet finished
+                     hold (the active-sequence trie): computed there by the time this request
+                     is scheduled, even before the worker's KV events report them
+    overlap        = max(cached, in_flight)
     prefill_tokens = active prefill tokens there + max(isl - overlap * block_size, 0)
     decode_blocks  = active blocks there + request blocks not already active there
     logit          = overlap_score_weight * prefill_tokens / block_size + decode_blocks
+
+The in-flight credit is what lets the router see its own just-routed requests as cache: a
+worker's KV events for a prompt arrive only once its prefill has run (a cold 4k-token prompt
+keeps it unknown for a whole prefill), and without the credit every request of the same prefix
+routed meanwhile looks cold everywhere, so the prefill load of the first one pushes the next
+to another worker, which computes the same prefix again.
 
 Lower is better. Temperature 0 keeps every minimum; ties go to the candidate with the fewest
 cached blocks (its tree is smallest, so it has the most room), then uniformly at random.
@@ -82,9 +92,10 @@ class KvScheduler:
         active_blocks, already_active = inputs.active_blocks, inputs.already_active
         out: list[WorkerCost] = []
         for key in inputs.candidates:
-            ov = overlaps.get(key, 0)
+            active = already_active.get(key, 0)
+            ov = max(overlaps.get(key, 0), active)
             prefill = active_prefill.get(key, 0) + max(shape.isl - ov * bs, 0)
-            decode = active_blocks.get(key, 0) + shape.request_blocks - already_active.get(key, 0)
+            decode = active_blocks.get(key, 0) + shape.request_blocks - active
             logit = inputs.overlap_score_weight * prefill / bs + decode
             out.append(WorkerCost(key[0], key[1], ov, prefill, decode, inputs.tree_sizes.get(key, 0), logit))
         return out
@@ -99,22 +110,26 @@ class KvScheduler:
         w = weight / bs
         # logit_k = w * (active_prefill_k + isl - min(overlap_k * bs, isl))
         #           + active_blocks_k + request_blocks - already_active_k
-        # Split into a per-worker load term, a per-request constant, and corrections for the
-        # few workers that share a prefix with the request: the loop over every worker is then
-        # one dict comprehension, and only matched workers cost Python-level work.
+        # with overlap_k = max(cached_k, already_active_k). Split into a per-worker load term, a
+        # per-request constant, and corrections for the few workers that share a prefix with
+        # the request: the loop over every worker is then one dict comprehension, and only
+        # matched workers cost Python-level work.
         active_prefill, active_blocks = inputs.active_prefill, inputs.active_blocks
         base = {k: w * active_prefill.get(k, 0) + active_blocks.get(k, 0) for k in inputs.candidates}
-        # overlap * block_size never exceeds isl (only full blocks match), so the prefill
-        # correction is simply weight * overlap.
+        # overlap * block_size never exceeds isl (only full blocks match or are booked), so the
+        # prefill correction is simply weight * overlap.
         get = base.get
-        for k, ov in inputs.overlaps.items():
-            v = get(k)
-            if v is not None:
-                base[k] = v - weight * ov
+        overlaps = dict(inputs.overlaps)
         for k, n in inputs.already_active.items():
             v = get(k)
             if v is not None:
                 base[k] = v - n
+                if n > overlaps.get(k, 0):
+                    overlaps[k] = n
+        for k, ov in overlaps.items():
+            v = get(k)
+            if v is not None:
+                base[k] = v - weight * ov
         const = w * isl + inputs.shape.request_blocks
 
         keys = list(base)
@@ -127,7 +142,7 @@ class KvScheduler:
         )
         key = keys[i]
         logit = base[key] + const
-        ov = inputs.overlaps.get(key, 0)
+        ov = overlaps.get(key, 0)
         if logger.isEnabledFor(logging.DEBUG):
             self.log_costs(inputs, key)
         return Selection(key[0], key[1], ov, logit, max(isl - ov * bs, 0))

@@ -22,6 +22,8 @@ from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from armature.protocols.hashing import compute_local_block_hashes
 from armature.protocols.kv_events import KvRemoved, KvStored, RouterEvent
 from armature.protocols.llm import RoutingHints
@@ -67,7 +69,7 @@ class SyncPublisher(Protocol):
 class RoutingDecision:
     worker_id: int
     dp_rank: int
-    overlap_blocks: int  # request blocks already cached on the chosen worker
+    overlap_blocks: int  # request blocks cached (or in flight) on the chosen worker
     request_blocks: int  # full blocks of the request
     prefill_tokens: int  # tokens the chosen worker still has to prefill for this request
     pinned: bool  # chosen by the request (backend_instance_id), not by cost
@@ -445,11 +447,16 @@ class KvRouter:
         levels = index.match_levels(local) if weight else []
         t2 = _ns()
         overlap = table.spread(levels, index)
-        logits = table.base - weight * overlap if levels else table.base
         active = self.active
         shared = active.active_levels(local)
         if shared:
-            logits = logits - table.spread(shared, active)
+            # Blocks in flight there count as cached for the prefill term (see scheduler.py)
+            # and are not new decode blocks.
+            in_flight = table.spread(shared, active)
+            overlap = np.maximum(overlap, in_flight)
+            logits = table.base - weight * overlap - in_flight
+        else:
+            logits = table.base - weight * overlap if levels else table.base
         request_blocks = active.request_blocks(isl)
         const = weight / self.block_size * isl + request_blocks
         keys = table.keys
