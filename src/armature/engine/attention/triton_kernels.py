@@ -225,6 +225,8 @@ def decode_attention(
     splits: int,
     scale: float,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> None:
     b, heads, d = q.shape
     kv_heads = k_buf.shape[1]
@@ -256,8 +258,8 @@ def decode_attention(
         HEAD_DIM=d,
         BLOCK_N=block_n,
         SPLITS=splits,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_merge_kernel[(b, heads)](
         part_out,
