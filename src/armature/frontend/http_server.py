@@ -299,13 +299,16 @@ class HttpConnection(asyncio.Protocol):
             async for chunk in chunks:
                 if self.closed:
                     break
+                if not chunk:  # an empty chunk would read as the end of the body
+                    continue
+                data = b"%x\r\n%b\r\n" % (len(chunk), chunk)
                 if chunk.endswith(_DONE):
                     # The producer ends right after [DONE]; running it to its end keeps its bookkeeping.
-                    transport.write(self._take_head() + b"%x\r\n%b\r\n0\r\n\r\n" % (len(chunk), chunk))
+                    data += b"0\r\n\r\n"
                     done = True
-                    continue
-                if chunk:
-                    transport.write(self._take_head() + b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if self._head:
+                    data = self._take_head() + data
+                transport.write(data)
                 if self._paused:
                     await self._writable()
             if not done and not self.closed:

@@ -106,7 +106,7 @@ class RequestPipeline:
             self._itl.observe((now - self._last_token_at) / delta_tokens)
         self._last_token_at = now
 
-    async def _run_one(self, run: ChoiceRun) -> AsyncIterator[list[ChoiceDelta]]:
+    async def _run_one(self, run: ChoiceRun) -> AsyncIterator[tuple[ChoiceRun, list[ChoiceDelta]]]:
         saw_finish = False
         post = run.post
         try:
@@ -122,7 +122,7 @@ class RequestPipeline:
                             break
                 self._observe(post.completion_tokens - before)
                 if deltas:
-                    yield deltas
+                    yield run, deltas
                 if saw_finish:
                     if deltas[-1].stopped_early:
                         run.context.kill()
@@ -133,19 +133,19 @@ class RequestPipeline:
             if not saw_finish:
                 run.context.kill()
 
-    async def batches(self) -> AsyncIterator[tuple[ChoiceRun, list[ChoiceDelta]]]:
+    def batches(self) -> AsyncIterator[tuple[ChoiceRun, list[ChoiceDelta]]]:
         """Each choice's deltas in bursts (what had arrived when asked), choices interleaved."""
         if len(self.runs) == 1:
-            run = self.runs[0]
-            async for deltas in self._run_one(run):
-                yield run, deltas
-            return
+            return self._run_one(self.runs[0])  # one generator less per token
+        return self._merged()
+
+    async def _merged(self) -> AsyncIterator[tuple[ChoiceRun, list[ChoiceDelta]]]:
         queue: asyncio.Queue[tuple[ChoiceRun, list[ChoiceDelta]] | BaseException | None] = asyncio.Queue()
 
         async def pump(run: ChoiceRun) -> None:
             try:
-                async for deltas in self._run_one(run):
-                    queue.put_nowait((run, deltas))
+                async for item in self._run_one(run):
+                    queue.put_nowait(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
                 queue.put_nowait(exc)
                 return

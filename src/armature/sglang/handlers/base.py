@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from armature.engine.api import Engine
@@ -33,6 +33,8 @@ class BaseWorkerHandler:
         self.ready = ready
         self.shutdown_event = shutdown_event
         self.inflight: set[str] = set()
+        self._monitors: dict[str, Callable[[], None]] = {}
+        self._shutdown_watch: asyncio.Future[None] | None = None
 
     async def wait_ready(self) -> None:
         """Requests that arrive before the model card is registered wait here."""
@@ -41,31 +43,50 @@ class BaseWorkerHandler:
 
     @contextlib.asynccontextmanager
     async def cancellation_monitor(self, rid: str, context: Context) -> AsyncIterator[CancelState]:
-        """Abort ``rid`` in the engine when the caller stops/kills it or the worker shuts down."""
-        state = CancelState()
+        """Abort ``rid`` in the engine when the caller stops/kills it or the worker shuts down.
 
-        async def watch() -> None:
-            stop = asyncio.ensure_future(context.async_killed_or_stopped())
-            down = asyncio.ensure_future(self.shutdown_event.wait())
-            try:
-                await asyncio.wait({stop, down}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                down.cancel()
+        Callbacks, not a watcher task per request: the context calls back on stop/kill, and one
+        task per handler waits for the shutdown event and calls back every open request.
+        """
+        state = CancelState()
+        loop = asyncio.get_running_loop()
+        abort: asyncio.Task[None] | None = None
+
+        def trigger(_: Context | None = None) -> None:
+            nonlocal abort
+            if abort is not None:
+                return
             state.stopped = context.is_stopped()
             state.shutdown = self.shutdown_event.is_set() and not state.stopped
             log.debug("aborting %s (%s)", rid, "shutdown" if state.shutdown else "stopped by caller")
-            await self.engine.abort(rid)
+            abort = loop.create_task(self.engine.abort(rid), name=f"abort-{rid}")
 
         self.inflight.add(rid)
-        task = asyncio.create_task(watch(), name=f"cancel-monitor-{rid}")
+        self._monitors[rid] = trigger
+        context.add_callback(trigger)
+        self._watch_shutdown()
+        if context.is_stopped() or self.shutdown_event.is_set():
+            trigger()
         try:
             yield state
         finally:
+            context.remove_callback(trigger)
+            self._monitors.pop(rid, None)
             self.inflight.discard(rid)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if abort is not None and not abort.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(abort)
+
+    def _watch_shutdown(self) -> None:
+        if self._shutdown_watch is None:
+            self._shutdown_watch = asyncio.ensure_future(self._on_shutdown())
+
+    async def _on_shutdown(self) -> None:
+        await self.shutdown_event.wait()
+        for trigger in list(self._monitors.values()):
+            trigger()
 
     async def cleanup(self) -> None:
+        if self._shutdown_watch is not None:
+            self._shutdown_watch.cancel()
         await self.engine.shutdown()
