@@ -21,6 +21,12 @@ seed), so no phase profits from the caches an earlier one left behind. Phases al
 systems and modes per round, so drifts in the machine's background load hit all alike. A phase
 is 256 requests = 16 per group.
 
+Both KV routers use their default cost (prefill weight 1.0) unless ``--overlap-weight W`` sets
+the same weight for both (Armature ``--router-kv-overlap-score-weight``, Dynamo
+``--router-prefill-load-scale``). On this workload weight 1.0 sits on a knife edge: a hit saves
+64 prefill blocks, and one more active request of another group costs 66 decode blocks, so a
+worker holding a group loses its next request to any worker running one request fewer.
+
     .venv/bin/python benchmarks/kv_routing.py                     # needs Dynamo's venv:
     /work/shared/anchors/dynamo-venv.sh /work/dynamo-venv
     .venv/bin/python benchmarks/kv_routing.py --systems armature  # Armature alone
@@ -96,6 +102,17 @@ def mocker_engine_flags(args: argparse.Namespace) -> list[str]:
             "--speedup-ratio", str(args.speedup)]  # fmt: skip
 
 
+def kv_weight_flags(flag: str, args: argparse.Namespace) -> list[str]:
+    """The prefill weight of the KV cost for one system's KV frontend; none at the default (1.0).
+
+    Dynamo 1.6.1 calls it ``--router-prefill-load-scale`` (its ``--router-kv-overlap-score-weight``
+    is a deprecated alias): ``cost = scale * max(active prefill + prompt - overlap, 0) blocks +
+    decode blocks``, Armature's ``--router-kv-overlap-score-weight`` formula, so both systems get
+    the same cost function either way.
+    """
+    return [] if args.overlap_weight == 1.0 else [flag, str(args.overlap_weight)]
+
+
 def armature_cluster(args: argparse.Namespace, model_dir: Path, tmp: Path) -> Cluster:
     kv = tmp / "armature-kv"
     kv.mkdir()
@@ -109,7 +126,8 @@ def armature_cluster(args: argparse.Namespace, model_dir: Path, tmp: Path) -> Cl
     for mode in MODES:
         port = ports[mode] = free_port()
         cmds[f"frontend-{mode}"] = [py, "-m", "armature.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
-                                    "--router-mode", mode, "--log-level", "warning", *plane]  # fmt: skip
+                                    "--router-mode", mode, "--log-level", "warning", *plane,
+                                    *(kv_weight_flags("--router-kv-overlap-score-weight", args) if mode == "kv" else [])]  # fmt: skip
     env = loopback_env("ARMATURE_FILE_KV", kv)
     env["PYTHONPATH"] = str(ROOT / "src")
     return Cluster("armature", cmds, env, ports, tmp)
@@ -128,7 +146,8 @@ def dynamo_cluster(args: argparse.Namespace, model_dir: Path, tmp: Path) -> Clus
     for mode in MODES:
         port = ports[mode] = free_port()
         cmds[f"frontend-{mode}"] = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
-                                    "--router-mode", mode, *plane]  # fmt: skip
+                                    "--router-mode", mode, *plane,
+                                    *(kv_weight_flags("--router-prefill-load-scale", args) if mode == "kv" else [])]  # fmt: skip
     return Cluster("dynamo", cmds, loopback_env("DYN_FILE_KV", kv), ports, tmp)
 
 
@@ -271,7 +290,7 @@ async def bench(args: argparse.Namespace) -> int:
         for c in clusters:
             c.stop()
     summary = summarize(results)
-    print()
+    print(f"\nKV cost prefill weight {args.overlap_weight} (both systems)")
     print_table(summary)
     ratios, lines = verdict(summary)
     print()
@@ -306,6 +325,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--slo-ttft-ms", type=float, default=100.0)
+    p.add_argument("--overlap-weight", type=float, default=1.0,
+                   help="prefill weight of both systems' KV cost (default 1.0, both systems' default)")
     p.add_argument("--model-path", default=None, help="HF folder with tokenizer + chat template (default: SmolLM2's)")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--dynamo-venv", default="/work/dynamo-venv")
