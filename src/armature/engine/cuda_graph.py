@@ -120,6 +120,9 @@ class DecodeGraphs:
         table = self._host_table[: gbs * width].view(gbs, width)
         table.view(-1).copy_(torch.tensor(flat, dtype=torch.int32))
         self.input_ids[:gbs].copy_(host[0, :gbs], non_blocking=True)
+        if batch.future_rows is not None:
+            assert batch.future_ids is not None
+            self.input_ids.index_copy_(0, batch.future_rows, batch.future_ids)
         self.positions[:gbs].copy_(host[1, :gbs], non_blocking=True)
         self.bufs.out_loc[:gbs].copy_(host[2, :gbs], non_blocking=True)
         self.bufs.seq_lens[:gbs].copy_(lens[:gbs], non_blocking=True)

@@ -40,7 +40,8 @@ from armature.engine.api import (
 )
 from armature.engine.forward_batch import ForwardBatch
 from armature.engine.kv_events import KvEventPublisher
-from armature.engine.sampler import Sampler, SamplingRow, token_logprobs
+from armature.engine.model_executor import ModelExecutor
+from armature.engine.sampler import Sampler
 from armature.engine.scheduler import (
     PageAllocator,
     ScheduledBatch,
@@ -381,126 +382,11 @@ class ThreadedEngine:
             self.publisher.close()
 
 
-class ModelExecutor:
-    """Native step executor: builds the ForwardBatch, runs the model, samples."""
-
-    def __init__(self, runner: Any, sampler: Sampler) -> None:
-        self.runner = runner
-        self.sampler = sampler
-        self.device = runner.device
-
-    @property
-    def allocator(self) -> PageAllocator:
-        return self.runner.kv_pool
-
-    def execute(self, batch: ScheduledBatch) -> list[SeqResult]:
-        fb = self._page_batch(batch) if self.runner.attn_backend.uses_page_table else self._slot_batch(batch)
-        logits = self.runner.forward(fb)
-        results = [SeqResult() for _ in batch.seqs]
-        last_rows: list[int] = []
-        sampled: list[int] = []
-        row = 0
-        for i, s in enumerate(batch.seqs):
-            n_rows = s.extend_len if s.prompt_logprobs else 1
-            if s.prompt_logprobs:
-                self._prompt_logprobs(s, logits[row : row + n_rows], results[i])
-            if s.sample:
-                last_rows.append(row + n_rows - 1)
-                sampled.append(i)
-            row += n_rows
-        if sampled:
-            rows = [self._sampling_row(batch.seqs[i]) for i in sampled]
-            sel = logits if len(last_rows) == logits.shape[0] else logits[last_rows]
-            res = self.sampler.sample(sel, rows)
-            for j, i in enumerate(sampled):
-                results[i].token_id = res.token_ids[j]
-                results[i].logprob = res.logprobs[j]
-                results[i].top_logprobs = res.top_logprobs[j]
-        return results
-
-    def _slot_batch(self, batch: ScheduledBatch) -> ForwardBatch:
-        pool = self.runner.kv_pool
-        ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        out_loc: list[torch.Tensor] = []
-        kv_indices: list[torch.Tensor] = []
-        for s in batch.seqs:
-            ids.extend(s.input_ids())
-            end = s.prefix_len + s.extend_len
-            slots = pool.slots_of(s.req.pages, end).to(self.device)
-            kv_indices.append(slots)
-            out_loc.append(slots[s.prefix_len :])
-            positions.append(torch.arange(s.prefix_len, end, dtype=torch.int64))
-        return ForwardBatch(
-            mode=batch.mode,
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=torch.cat(positions).to(self.device),
-            out_cache_loc=torch.cat(out_loc),
-            extend_lens=[s.extend_len for s in batch.seqs],
-            prefix_lens=[s.prefix_len for s in batch.seqs],
-            kv_indices=kv_indices,
-            return_all_logits=[s.prompt_logprobs for s in batch.seqs],
-        )
-
-    def _page_batch(self, batch: ScheduledBatch) -> ForwardBatch:
-        # Host tensors only: the backend (or the CUDA graph's staging) moves them in one go.
-        pool = self.runner.kv_pool
-        ps = pool.page_size
-        ids: list[int] = []
-        positions: list[int] = []
-        out_loc: list[int] = []
-        table: list[list[int]] = []
-        for s in batch.seqs:
-            pages = s.req.pages
-            end = s.prefix_len + s.extend_len
-            if s.extend_len == 1:
-                pos = s.prefix_len
-                ids.append(s.req.fill_slice(pos, end)[0])
-                positions.append(pos)
-                out_loc.append(pages[pos // ps] * ps + pos % ps)
-            else:
-                ids.extend(s.input_ids())
-                positions.extend(range(s.prefix_len, end))
-                out_loc.extend(pool.new_token_slots(pages, s.prefix_len, end))
-            table.append(pages[: -(-end // ps)])
-        return ForwardBatch(
-            mode=batch.mode,
-            input_ids=torch.tensor(ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            out_cache_loc=torch.tensor(out_loc, dtype=torch.int64),
-            extend_lens=[s.extend_len for s in batch.seqs],
-            prefix_lens=[s.prefix_len for s in batch.seqs],
-            kv_indices=[],
-            return_all_logits=[s.prompt_logprobs for s in batch.seqs],
-            page_table=table,
-        )
-
-    @staticmethod
-    def _sampling_row(s: Any) -> SamplingRow:
-        r = s.req
-        penal = r.sampling.repetition_penalty != 1.0
-        return SamplingRow(
-            params=r.sampling,
-            output_ids=r.output_ids,
-            prompt_ids=r.input_ids if penal else (),
-            stop_ids=tuple(r.stop_ids),
-            generator=r.generator,
-            return_logprob=r.return_logprob,
-            top_logprobs_num=r.top_logprobs_num,
-        )
-
-    def _prompt_logprobs(self, s: Any, rows: torch.Tensor, out: SeqResult) -> None:
-        r = s.req
-        # Row j predicts the token at position prefix + j + 1; only prompt targets count.
-        start = s.prefix_len + 1
-        end = min(s.prefix_len + s.extend_len + 1, len(r.input_ids))
-        if end <= start:
-            out.prompt_logprobs = []
-            return
-        targets = torch.tensor(r.input_ids[start:end], dtype=torch.int64, device=rows.device)
-        chosen, tops = token_logprobs(rows[: end - start], targets, r.top_logprobs_num)
-        out.prompt_logprobs = chosen
-        out.prompt_top_logprobs = tops
+def _overlap_schedule(args: ServerArgs, device: torch.device, disaggregated: bool) -> bool:
+    # Disaggregated schedulers hand KV between engines at step boundaries: they step synchronously.
+    if disaggregated or args.disable_overlap_schedule:
+        return False
+    return args.disable_overlap_schedule is False or device.type == "cuda"
 
 
 # --- SGLang-style offline helpers -----------------------------------------------------------
@@ -586,6 +472,7 @@ class NativeEngine(ThreadedEngine):
             disable_radix_cache=args.disable_radix_cache,
             stream_interval=args.stream_interval,
             random_seed=args.random_seed,
+            overlap_schedule=_overlap_schedule(args, runner.device, disaggregation is not None),
         )
         self._profiler: torch.profiler.profile | None = None
         self._rid_counter = itertools.count()

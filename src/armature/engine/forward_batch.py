@@ -34,6 +34,17 @@ class ForwardBatch:
     # Per sequence: its KV pages in order (backends that address the pool by page table, like
     # the Triton one, read this; kv_indices may then be left empty).
     page_table: list[list[int]] | None = None
+    # Overlap schedule: input rows whose token is still on the device (sampled by the previous
+    # launch, not yet read by the host), and those tokens, on the model's device.
+    future_rows: torch.Tensor | None = None
+    future_ids: torch.Tensor | None = None
+
+    def device_input_ids(self, device: torch.device) -> torch.Tensor:
+        ids = self.input_ids.to(device, non_blocking=True)
+        if self.future_rows is not None:
+            assert self.future_ids is not None
+            ids = ids.index_copy(0, self.future_rows, self.future_ids)
+        return ids
 
     @property
     def batch_size(self) -> int:

@@ -123,6 +123,8 @@ class ModelRunner:
         shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
         self.kv_pool = KVPool(shape, self._num_pages(shape, max_total_tokens, mem_fraction_static), page_size)
         self.attn_backend = self._make_backend(attention_backend)
+        if self.attn_backend.uses_page_table:
+            self.model.use_fused_ops()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not disable_cuda_graph and self.attn_backend.uses_page_table:
             from armature.engine.cuda_graph import DecodeGraphs
@@ -202,7 +204,7 @@ class ModelRunner:
                     return graphs.replay(batch)
             self.attn_backend.prepare(batch)
             return self.model.forward(
-                batch.input_ids.to(self.device, non_blocking=True),
+                batch.device_input_ids(self.device),
                 batch.positions.to(self.device, non_blocking=True),
                 self.attn_backend,
                 self._logit_rows(batch),

@@ -80,11 +80,14 @@ class Sampler:
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} requests")
         raw = logits.float()
+        return self._with_logprobs(raw, self.sample_ids(raw, rows), rows)
+
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The sampled ids as a tensor on the logits' device; no host synchronisation."""
+        raw = logits.float()
         if all(r.greedy and not r.penalized and not r.suppress_stops for r in rows):
-            token_ids = raw.argmax(dim=-1)
-        else:
-            token_ids = self._sample_general(raw, rows)
-        return self._with_logprobs(raw, token_ids, rows)
+            return raw.argmax(dim=-1)
+        return self._sample_general(raw, rows)
 
     def _with_logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         ids = token_ids.tolist()

@@ -13,6 +13,14 @@ private rest back to the allocator, so with no running requests ``free + cached 
 
 Every request is "forward ``fill_ids[kv_len:]``, then sample": a new prompt, a chunk of one, a
 decode step (one pending token) and the recompute of a retracted request are the same thing.
+
+Overlap schedule (``overlap_schedule``, GPU): the step launches the next batch before it reads
+the previous batch's sampled tokens, so the host's bookkeeping runs while the GPU computes. A
+launched request's unknown token sits in ``output_ids`` as ``PLACEHOLDER`` (the executor feeds the
+device-side value to the next forward) until the previous batch completes; ``kv_len`` counts the
+tokens whose K/V is computed or being computed. A request that turns out to have stopped in the
+previous batch has at most one more token computed and dropped. Everything runs on one device
+stream, so work launched later always sees the K/V written by work launched earlier.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
 # Reserve at most this many future tokens per running request when admitting new ones.
 _RESERVE_CAP_TOKENS = 4096
+# A sampled token the host has not read yet (overlap schedule); never a valid token id.
+PLACEHOLDER = -1
 
 
 class PageAllocator(Protocol):
@@ -100,6 +110,8 @@ class Req:
     finish_reason: EngineFinishReason | None = None
     matched_stop: int | None = None
     error: str | None = None
+    # Overlap schedule: (launch handle, row) of the in-flight sample behind a PLACEHOLDER.
+    future: tuple[object, int] | None = None
 
     @property
     def fill_len(self) -> int:
@@ -166,6 +178,25 @@ class StepExecutor(Protocol):
     def execute(self, batch: ScheduledBatch) -> list[SeqResult]: ...
 
 
+class OverlapExecutor(StepExecutor, Protocol):
+    """An executor that can start a batch and hand back its results later (overlap schedule)."""
+
+    def can_overlap(self, batch: ScheduledBatch) -> bool: ...
+
+    def launch(self, batch: ScheduledBatch) -> object: ...
+
+    def collect(self, launched: object) -> list[SeqResult]: ...
+
+
+@dataclass
+class _Booked:
+    """One sequence of a launched batch: where its sampled token goes once it is read."""
+
+    seq: ScheduledSeq
+    out_idx: int | None  # index in output_ids of the PLACEHOLDER; None when nothing is sampled
+    retractions: int  # the request's retraction count at launch: a retracted one drops its result
+
+
 @dataclass
 class SchedulerConfig:
     page_size: int
@@ -180,6 +211,7 @@ class SchedulerConfig:
     stream_interval: int = 1
     watermark_pages: int = 0  # admission keeps this many pages free (the mocker's watermark)
     random_seed: int = 0
+    overlap_schedule: bool = False  # needs an OverlapExecutor
 
 
 @dataclass
@@ -209,6 +241,7 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._admit_counter = 0
         self._eos = frozenset(config.eos_token_ids)
+        self._inflight: tuple[ScheduledBatch, object, list[_Booked]] | None = None
 
     # --- requests in ---------------------------------------------------------------------
 
@@ -283,13 +316,14 @@ class Scheduler:
         return self._finish(r)
 
     def abort_all(self, reason: str) -> list[GenerateOutput]:
+        self._inflight = None
         return [o for rid in list(self.reqs) if (o := self.abort(rid, reason)) is not None]
 
     # --- state ---------------------------------------------------------------------------
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running) or self._inflight is not None
 
     def private_pages(self) -> int:
         return sum(len(r.pages) - r.cached_pages for r in self.running)
@@ -353,7 +387,8 @@ class Scheduler:
         """Give the full pages of ``fill_ids[:kv_len]`` to the prefix cache (dedup with it)."""
         if not self.cache.enabled:
             return
-        full = r.kv_len // self.page_size
+        # Never key the cache by a token the host has not read yet (overlap schedule).
+        full = min(r.kv_len, r.fill_len - _unread(r)) // self.page_size
         if full <= r.cached_pages:
             return
         res = self.cache.insert(r.fill_slice(0, full * self.page_size), r.pages[:full])
@@ -375,6 +410,9 @@ class Scheduler:
         r.kv_len = 0
 
     def _retract(self, r: Req) -> None:
+        # A token still in flight is dropped: it was never streamed and is recomputed later.
+        del r.output_ids[len(r.output_ids) - _unread(r) :]
+        r.future = None
         self.running.remove(r)
         self._release(r)
         r.status = ReqStatus.WAITING
@@ -502,10 +540,14 @@ class Scheduler:
         page = self.page_size
         reqs: list[Req] = []
         grows: list[bool] = []
+        ctx = self.config.context_length
         for r in self.running:
-            fill = len(r.input_ids) + len(r.output_ids)
+            n_out = len(r.output_ids)
+            fill = len(r.input_ids) + n_out
             if fill - r.kv_len != 1 or (exclude and id(r) in exclude):
                 continue
+            if n_out >= r.sampling.max_new_tokens or fill >= ctx:
+                continue  # finished by length in the batch in flight (overlap schedule)
             reqs.append(r)
             grows.append(-(-fill // page) > len(r.pages))
         need = sum(grows)
@@ -530,6 +572,11 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------------
 
     def step(self) -> list[GenerateOutput]:
+        if self.config.overlap_schedule:
+            return self._step_overlap()
+        return self._step_sync()
+
+    def _step_sync(self) -> list[GenerateOutput]:
         started = time.perf_counter()
         batch = self._schedule()
         if batch is None:
@@ -564,20 +611,98 @@ class Scheduler:
                 outputs.append(self._delta(r))
         return outputs
 
-    def _append_token(self, r: Req, res: SeqResult) -> None:
-        tok = res.token_id
-        assert tok is not None
-        r.output_ids.append(tok)
+    def _step_overlap(self) -> list[GenerateOutput]:
+        started = time.perf_counter()
+        executor: OverlapExecutor = self.executor  # type: ignore[assignment]
+        prev, self._inflight = self._inflight, None
+        outputs: list[GenerateOutput] = []
+        batch = self._schedule()
+        if batch is not None and prev is not None and not executor.can_overlap(batch):
+            # This batch needs the host to know the previous tokens (penalties, logprobs).
+            outputs.extend(self._complete(prev))
+            prev = None
+            batch.seqs = [s for s in batch.seqs if s.req.status is ReqStatus.RUNNING]
+        if batch is not None and batch.seqs:
+            batch.started = started
+            launched = executor.launch(batch)
+            self._inflight = (batch, launched, self._book(batch, launched))
+            self.stats.steps += 1
+            self.stats.peak_batch = max(self.stats.peak_batch, len(batch.seqs))
+        if prev is not None:
+            outputs.extend(self._complete(prev))
+        return outputs
+
+    def _book(self, batch: ScheduledBatch, launched: object) -> list[_Booked]:
+        booked: list[_Booked] = []
+        row = 0
+        for s in batch.seqs:
+            r = s.req
+            r.kv_len += s.extend_len
+            idx = None
+            if s.sample:
+                if r.sampling.max_new_tokens > 0:
+                    idx = len(r.output_ids)
+                    r.output_ids.append(PLACEHOLDER)
+                    r.future = (launched, row)
+                row += 1
+            booked.append(_Booked(s, idx, r.num_retractions))
+        return booked
+
+    def _complete(self, inflight: tuple[ScheduledBatch, object, list[_Booked]]) -> list[GenerateOutput]:
+        batch, launched, booked = inflight
+        results = self.executor.collect(launched)  # type: ignore[attr-defined]
+        outputs: list[GenerateOutput] = []
+        for b, res in zip(booked, results):
+            seq, r = b.seq, b.seq.req
+            if r.status is not ReqStatus.RUNNING or r.num_retractions != b.retractions:
+                continue
+            if b.out_idx is not None:
+                assert res.token_id is not None
+                r.output_ids[b.out_idx] = res.token_id
+                if r.future is not None and r.future[0] is launched:
+                    r.future = None
+            if seq.prompt_logprobs and res.prompt_logprobs is not None:
+                self._store_prompt_logprobs(r, seq, res)
+            if batch.mode is ForwardMode.EXTEND and seq.extend_len > 1:
+                self._cache_computed(r)
+            if not seq.sample:
+                continue
+            if b.out_idx is None:
+                r.finish_reason = EngineFinishReason.LENGTH
+            else:
+                self._check_token(r, res, b.out_idx + 1)
+            if r.finish_reason is not None:
+                # It may also sit in the batch launched after this one: drop that token.
+                if b.out_idx is not None:
+                    del r.output_ids[b.out_idx + 1 :]
+                r.future = None
+                r.kv_len = min(r.kv_len, r.fill_len - 1)
+                self.running.remove(r)
+                self._release(r)
+                self.stats.finished += 1
+                outputs.append(self._finish(r))
+            elif len(r.output_ids) - _unread(r) - r.sent >= self.config.stream_interval or not r.first_sent:
+                outputs.append(self._delta(r))
+        return outputs
+
+    def _check_token(self, r: Req, res: SeqResult, n_out: int) -> None:
+        """Record the logprobs of output token ``n_out - 1`` and decide whether it finishes ``r``."""
+        tok = r.output_ids[n_out - 1]
         if r.return_logprob:
             r.output_logprobs.append(res.logprob if res.logprob is not None else float("nan"))
             if r.top_logprobs_num > 0:
                 r.output_top_logprobs.append(res.top_logprobs or [])
         p = r.sampling
-        if tok in r.stop_ids and len(r.output_ids) >= p.min_new_tokens:
+        if tok in r.stop_ids and n_out >= p.min_new_tokens:
             r.finish_reason = EngineFinishReason.STOP
             r.matched_stop = tok
-        elif len(r.output_ids) >= p.max_new_tokens or len(r.input_ids) + len(r.output_ids) >= self.config.context_length:
+        elif n_out >= p.max_new_tokens or len(r.input_ids) + n_out >= self.config.context_length:
             r.finish_reason = EngineFinishReason.LENGTH
+
+    def _append_token(self, r: Req, res: SeqResult) -> None:
+        assert res.token_id is not None
+        r.output_ids.append(res.token_id)
+        self._check_token(r, res, len(r.output_ids))
 
     def _store_prompt_logprobs(self, r: Req, seq: ScheduledSeq, res: SeqResult) -> None:
         assert r.input_logprobs is not None and res.prompt_logprobs is not None
@@ -592,7 +717,7 @@ class Scheduler:
                     r.input_top_logprobs[pos] = res.prompt_top_logprobs[j]
 
     def _delta(self, r: Req) -> GenerateOutput:
-        lo, hi = r.sent, len(r.output_ids)
+        lo, hi = r.sent, len(r.output_ids) - _unread(r)
         out = GenerateOutput(
             rid=r.rid,
             token_ids=r.output_ids[lo:hi],
@@ -620,3 +745,12 @@ class Scheduler:
         out.matched_stop = r.matched_stop
         out.error = r.error
         return out
+
+
+def _unread(r: Req) -> int:
+    """Trailing output tokens still in flight (overlap schedule): 0, 1 or 2."""
+    n = 0
+    out = r.output_ids
+    while n < len(out) and out[-1 - n] == PLACEHOLDER:
+        n += 1
+    return n

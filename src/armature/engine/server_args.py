@@ -76,7 +76,9 @@ class ServerArgs:
     attention_backend: str = "auto"
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
-    disable_overlap_schedule: bool = False
+    # None: overlap where it pays (CUDA); True: never; False: also on the CPU (no speed-up there,
+    # but the same code path, which the CPU tests use).
+    disable_overlap_schedule: bool | None = None
     log_level: str = "error"
 
     def __post_init__(self) -> None:

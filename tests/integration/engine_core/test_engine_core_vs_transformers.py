@@ -18,15 +18,22 @@ MAX_NEW = 10
 GREEDY = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
 
 
+# disable_overlap_schedule=False forces the overlap schedule on the CPU (GPU default) too.
+OVERLAP = pytest.mark.parametrize("no_overlap", [None, False], ids=["sync", "overlap"])
+
+
+@OVERLAP
 @pytest.mark.parametrize("arch", ["tiny_llama_path", "tiny_qwen3_path", "tiny_qwen2_path"])
-def test_greedy_batch_chunked_and_cached(arch: str, request: pytest.FixtureRequest) -> None:
+def test_greedy_batch_chunked_and_cached(arch: str, no_overlap: bool | None, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(arch)
     first = varied_prompts(12, seed=1)
     # The second wave repeats first-wave prompts with new tails: their prefixes are cached.
     second = [p + [500 + i, 600 + i, 700 + i] for i, p in enumerate(first[:10])]
     prompts = first + second
     want = transformers_greedy(path, prompts, MAX_NEW)
-    eng = Engine(model_path=str(path), max_total_tokens=1 << 14, chunked_prefill_size=64)
+    eng = Engine(
+        model_path=str(path), max_total_tokens=1 << 14, chunked_prefill_size=64, disable_overlap_schedule=no_overlap
+    )
     try:
         got1 = eng.generate(input_ids=first, sampling_params=GREEDY)
         got2 = eng.generate(input_ids=second, sampling_params=GREEDY)
@@ -41,11 +48,15 @@ def test_greedy_batch_chunked_and_cached(arch: str, request: pytest.FixtureReque
         eng.shutdown()
 
 
-def test_sixteen_in_one_batch_and_tiny_pool_retracts(tiny_llama_path: Path) -> None:
+@OVERLAP
+def test_sixteen_in_one_batch_and_tiny_pool_retracts(tiny_llama_path: Path, no_overlap: bool | None) -> None:
     prompts = varied_prompts(16, seed=3)
     want = transformers_greedy(tiny_llama_path, prompts, MAX_NEW)
     # 80 pages of 4 tokens: the longest prompt fits alone, the 16 together do not.
-    eng = Engine(model_path=str(tiny_llama_path), max_total_tokens=320, page_size=4, chunked_prefill_size=128)
+    eng = Engine(
+        model_path=str(tiny_llama_path), max_total_tokens=320, page_size=4, chunked_prefill_size=128,
+        disable_overlap_schedule=no_overlap,
+    )
     try:
         got = eng.generate(input_ids=prompts, sampling_params=GREEDY)
         assert [g["output_ids"] for g in got] == want

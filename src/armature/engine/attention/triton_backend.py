@@ -158,14 +158,26 @@ class TritonAttentionBackend(AttentionBackend):
 
     # --- the layer call ----------------------------------------------------------------------
 
+    @property
+    def out_loc(self) -> torch.Tensor:
+        """Slots of this forward's new tokens (for kernels that store K/V themselves)."""
+        plan = self._decode if self._decode is not None else self._extend
+        assert plan is not None, "prepare() must run before forward()"
+        return plan.out_loc
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        out_loc = self.out_loc
+        self.kv_pool.k_buffer[layer].index_copy_(0, out_loc, k)
+        self.kv_pool.v_buffer[layer].index_copy_(0, out_loc, v)
+        return self.attend(q, layer)
+
+    def attend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention of ``q`` over the pool, whose K/V for the new tokens are already stored."""
         k_buf = self.kv_pool.k_buffer[layer]
         v_buf = self.kv_pool.v_buffer[layer]
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         if self._decode is not None:
             d = self._decode
-            k_buf.index_copy_(0, d.out_loc, k)
-            v_buf.index_copy_(0, d.out_loc, v)
             kernels.decode_attention(
                 q, k_buf, v_buf, d.page_table, d.seq_lens, out, d.part_out, d.part_lse,
                 self.page_size, d.splits, self.scale,
@@ -173,8 +185,6 @@ class TritonAttentionBackend(AttentionBackend):
         else:
             e = self._extend
             assert e is not None, "prepare() must run before forward()"
-            k_buf.index_copy_(0, e.out_loc, k)
-            v_buf.index_copy_(0, e.out_loc, v)
             kernels.extend_attention(
                 q, k_buf, v_buf, out, e.page_table, e.block_seq, e.block_start,
                 e.seq_prefix, e.seq_extend, e.seq_row, self.page_size, self.scale, _EXTEND_BLOCK_M,

@@ -50,6 +50,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -75,14 +76,14 @@ def _decode_split_kernel(
         page = tl.load(PageTable + b * stride_pt + offs_n // PAGE, mask=n_valid, other=0)
         slot = page.to(tl.int64) * PAGE + offs_n % PAGE
         k = tl.load(K + slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
         qk = tl.where(n_valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     # An empty split (short sequence) leaves l_i = 0: it writes zeros and a -inf weight.
@@ -157,6 +158,7 @@ def _extend_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -187,7 +189,7 @@ def _extend_kernel(
         page = tl.load(PageTable + seq * stride_pt + offs_n // PAGE, mask=n_valid, other=0)
         slot = page.to(tl.int64) * PAGE + offs_n % PAGE
         k = tl.load(K + slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -195,7 +197,7 @@ def _extend_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + slot[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -204,6 +206,11 @@ def _extend_kernel(
         out.to(Out.dtype.element_ty),
         mask=m_valid[:, None],
     )
+
+
+def _precision(q: torch.Tensor) -> str:
+    # float32 models get float32 products (tl.dot would round operands to tf32 by default).
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def decode_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 64) -> int:
@@ -258,6 +265,7 @@ def decode_attention(
         HEAD_DIM=d,
         BLOCK_N=block_n,
         SPLITS=splits,
+        PRECISION=_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -323,6 +331,7 @@ def extend_attention(
         HEAD_DIM=d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        PRECISION=_precision(q),
         num_warps=8 if block_m >= 128 else 4,
         num_stages=2,
     )

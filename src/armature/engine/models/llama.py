@@ -48,6 +48,12 @@ class LlamaModel:
             head = self.embed
         self.lm_head = head
         self.layers = [self._fuse_layer(weights, i) for i in range(config.num_layers)]
+        self.fused_ops = False
+
+    def use_fused_ops(self) -> None:
+        """Run norms, rotary + K/V store and SiLU through the Triton kernels (with the Triton
+        attention backend): a few launches a layer instead of a dozen."""
+        self.fused_ops = True
 
     def _fuse_layer(self, w: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"model.layers.{i}."
@@ -85,6 +91,8 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Logits (float32) of ``logit_rows`` (all rows when None) of the packed tokens."""
         cfg = self.config
+        if self.fused_ops:
+            return self._forward_fused(input_ids, positions, attn, logit_rows)
         t = input_ids.shape[0]
         eps = self.eps
         hidden_dim = (cfg.hidden_size,)
@@ -107,13 +115,51 @@ class LlamaModel:
             qk = apply_rotary(qk, cos, sin)
             v = qkv[:, self.q_size + self.kv_size :].view(t, kv_heads, cfg.head_dim)
             o = attn.forward(qk[:, :heads], qk[:, heads:], v, i)
-            # Residual adds ride in the GEMM's accumulator (beta=1) instead of a separate pass.
-            h = torch.addmm(h, o, layer.o_proj.t())
+            # Residual adds ride in the GEMM's accumulator (beta=1), in place: no separate pass.
+            h.addmm_(o, layer.o_proj.t())
             x = F.rms_norm(h, hidden_dim, layer.post_norm, eps)
             gate_up = F.linear(x, layer.gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate).mul_(up)
-            h = torch.addmm(h, act, layer.down.t())
+            h.addmm_(act, layer.down.t())
+        return self._logits(h, logit_rows)
+
+    def _forward_fused(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        from armature.engine.models import triton_ops as ops
+
+        cfg = self.config
+        eps = self.eps
+        pool = attn.kv_pool
+        out_loc = attn.out_loc  # type: ignore[attr-defined]
+        # The rotary tables hold [cos, cos] and [-sin, sin]: the kernel reads one half of each.
+        cos = self.rotary.cos[:, 0]
+        sin = self.rotary.sin[:, 1]
+        h = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = ops.rms_norm(h, layer.input_norm, eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q = ops.rope_store(
+                qkv, positions, cos, sin, layer.q_norm, layer.k_norm, eps, pool.k_buffer[i],
+                pool.v_buffer[i], out_loc, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            )
+            o = attn.attend(q, i)  # type: ignore[attr-defined]
+            h.addmm_(o, layer.o_proj.t())
+            x = ops.rms_norm(h, layer.post_norm, eps)
+            h.addmm_(ops.silu_mul(F.linear(x, layer.gate_up)), layer.down.t())
+        if logit_rows is not None:
+            h = h[logit_rows]
+        x = ops.rms_norm(h, self.norm, eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _logits(self, h: torch.Tensor, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        eps = self.eps
+        hidden_dim = (self.config.hidden_size,)
         if logit_rows is not None:
             h = h[logit_rows]
         h = F.rms_norm(h, hidden_dim, self.norm, eps)
