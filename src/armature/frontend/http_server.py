@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import ssl
@@ -79,6 +80,10 @@ class Application:
     async def handle(self, request: HttpRequest) -> Reply | StreamReply:
         raise NotImplementedError
 
+    def error_reply(self, status: int, message: str) -> Reply:
+        """An error the server answers by itself (413 before the body is read), in the app's format."""
+        return Reply(status, json.dumps({"error": {"message": message}}).encode())
+
 
 def _status_line(status: int) -> bytes:
     return f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()
@@ -121,12 +126,17 @@ class HttpConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reply_and_close(Reply(400, b"protocol upgrades are not supported\n", "text/plain"))
+            self._bad_request("protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            if self._rejected:  # the rest of a body we already answered 413 to: not worth parsing
-                self._close()
-                return
-            self._reply_and_close(Reply(400, f"invalid HTTP request: {exc}\n".encode(), "text/plain"))
+            self._bad_request(f"invalid HTTP request: {exc}")
+
+    def _bad_request(self, why: str) -> None:
+        if self._rejected or self._task is not None:
+            # The rest of a body already answered with 413, or garbage behind a request still
+            # being answered (a 400 now would land inside that response): just hang up.
+            self._close()
+            return
+        self._reply_and_close(Reply(400, why.encode() + b"\n", "text/plain"))
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -218,9 +228,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _reject(self, why: str) -> None:
         self._rejected = True
-        from armature.frontend.errors import ApiError  # the app's error format
-
-        reply = Reply(413, ApiError(413, why, code=413).body())
+        reply = self._app.error_reply(413, why)
         if self._task is None:
             self._write_reply(reply, keep_alive=True)
         else:  # a pipelined request behind one still being answered: hang up

@@ -169,6 +169,9 @@ class Frontend(Application):
 
     # ---------------------------------------------------------------- app
 
+    def error_reply(self, status: int, message: str) -> Reply:
+        return _error_reply(ApiError(status, message))
+
     async def handle(self, request: HttpRequest) -> Reply | StreamReply:
         routes = self._routes.get(request.path)
         if routes is None:
