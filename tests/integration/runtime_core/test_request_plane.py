@@ -361,3 +361,33 @@ async def test_an_unencodable_item_fails_its_stream_only(plane: Plane) -> None:
         await collect(bad)
     assert err.value.kind == ErrorKind.HANDLER_ERROR and "cannot be encoded" in err.value.message
     assert await collect(good) == [1, 2]
+
+
+async def test_take_buffered_hands_over_a_burst_and_keeps_the_credit_flowing(plane: Plane) -> None:
+    window = 16
+    worker = plane.runtime()
+
+    async def fast(request: dict[str, Any], context: Context):
+        for i in range(200):
+            yield i
+
+    await worker.endpoint("test.burst.gen").start_serving(fast)
+    caller = plane.runtime(timeouts=PlaneTimeouts(window=window))
+    client = await caller.endpoint("test.burst.gen").client()
+    await client.wait_for_instances(5)
+    stream = await client.round_robin({})
+    got = [await stream.__anext__()]
+    deadline = time.monotonic() + 5
+    while stream.buffered < window - 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # a consumer that fell behind: the window fills up
+    burst = stream.take_buffered()
+    assert len(burst) >= window - 1 and stream.buffered == 0
+    got += burst
+    # Taking a burst returns credit like iterating does: the handler runs on to the end.
+    while True:
+        try:
+            got.append(await asyncio.wait_for(stream.__anext__(), 5))
+        except StopAsyncIteration:
+            break
+        got += stream.take_buffered()
+    assert got == list(range(200))
