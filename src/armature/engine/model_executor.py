@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from armature.engine.forward_batch import ForwardBatch
+from armature.engine.host_copy import to_device
 from armature.engine.sampler import Sampler, SamplingRow, token_logprobs
 from armature.engine.scheduler import PLACEHOLDER, PageAllocator, ScheduledBatch, ScheduledSeq, SeqResult
 
@@ -70,7 +71,7 @@ class ModelExecutor:
         if not sampled:
             return launched
         # Without prompt logprobs every sequence has exactly one logits row (its last token).
-        sel = logits if len(sampled) == logits.shape[0] else logits[sampled]
+        sel = logits if len(sampled) == logits.shape[0] else logits.index_select(0, to_device(sampled, torch.int64, logits.device))
         ids = self.sampler.sample_ids(sel, [self._sampling_row(batch.seqs[i]) for i in sampled])
         launched.token_ids = ids
         if ids.device.type == "cuda":
@@ -122,9 +123,12 @@ class ModelExecutor:
         parts = []
         for launched, rows in by_launch.values():
             assert launched.token_ids is not None
-            parts.append(launched.token_ids.index_select(0, torch.tensor(rows, device=launched.token_ids.device)))
+            if rows == list(range(launched.token_ids.shape[0])):
+                parts.append(launched.token_ids)  # the usual decode: the same batch, in order
+            else:
+                parts.append(launched.token_ids.index_select(0, to_device(rows, torch.int64, self.device)))
         fb.input_ids[dst] = 0  # a valid id on the host; the device copy is overwritten
-        fb.future_rows = torch.tensor(dst, dtype=torch.int64).to(self.device, non_blocking=True)
+        fb.future_rows = to_device(dst, torch.int64, self.device)
         fb.future_ids = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device)
 
     def _slot_batch(self, batch: ScheduledBatch) -> ForwardBatch:
@@ -231,7 +235,7 @@ class ModelExecutor:
         if end <= start:
             out.prompt_logprobs = []
             return
-        targets = torch.tensor(r.input_ids[start:end], dtype=torch.int64, device=rows.device)
+        targets = to_device(r.input_ids[start:end], torch.int64, rows.device)
         chosen, tops = token_logprobs(rows[: end - start], targets, r.top_logprobs_num)
         out.prompt_logprobs = chosen
         out.prompt_top_logprobs = tops

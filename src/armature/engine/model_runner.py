@@ -12,6 +12,7 @@ import torch
 from armature.engine.attention import AttentionBackend, TorchAttentionBackend
 from armature.engine.config import ModelConfig
 from armature.engine.forward_batch import ForwardBatch, ForwardMode
+from armature.engine.host_copy import to_device
 from armature.engine.kv_pool import KVPool, KVShape, pages_for_budget
 from armature.engine.loader import load_weights, resolve_model_path
 from armature.engine.models import MODEL_CLASSES
@@ -216,4 +217,4 @@ class ModelRunner:
         rows = batch.logit_rows()
         if len(rows) == batch.input_ids.shape[0]:
             return None
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return to_device(rows, torch.int64, self.device)

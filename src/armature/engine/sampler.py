@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from armature.engine.host_copy import to_device
+
 from armature.engine.api import SamplingParams
 
 GREEDY_EPS = 1e-6
@@ -95,7 +97,7 @@ class Sampler:
         want = [i for i, r in enumerate(rows) if r.return_logprob]
         if not want:
             return result
-        idx = torch.tensor(want, dtype=torch.long, device=raw.device)
+        idx = to_device(want, torch.long, raw.device)
         top_k = max(rows[i].top_logprobs_num for i in want)
         chosen, tops = token_logprobs(raw.index_select(0, idx), token_ids.index_select(0, idx), top_k)
         for j, i in enumerate(want):
@@ -111,25 +113,25 @@ class Sampler:
             if r.penalized:
                 self._apply_penalties(logits[i], r, vocab)
             if r.suppress_stops:
-                stop = torch.tensor([t for t in r.stop_ids if 0 <= t < vocab], dtype=torch.long, device=logits.device)
+                stop = to_device([t for t in r.stop_ids if 0 <= t < vocab], torch.long, logits.device)
                 logits[i].index_fill_(0, stop, float("-inf"))
 
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.greedy]
         if greedy:
-            g = torch.tensor(greedy, dtype=torch.long, device=logits.device)
+            g = to_device(greedy, torch.long, logits.device)
             out.index_copy_(0, g, logits.index_select(0, g).argmax(dim=-1))
         sampled = [i for i, r in enumerate(rows) if not r.greedy]
         if not sampled:
             return out
-        s_idx = torch.tensor(sampled, dtype=torch.long, device=logits.device)
-        temps = torch.tensor([rows[i].params.temperature for i in sampled], device=logits.device).unsqueeze(1)
+        s_idx = to_device(sampled, torch.long, logits.device)
+        temps = to_device([rows[i].params.temperature for i in sampled], torch.float32, logits.device).unsqueeze(1)
         probs = torch.softmax(logits.index_select(0, s_idx) / temps, dim=-1)
         probs = self._filter(probs, [rows[i].params for i in sampled])
         # Unseeded rows share one batched draw; seeded rows each draw from their own generator.
         shared = [j for j, i in enumerate(sampled) if rows[i].generator is None]
         if shared:
-            sh = torch.tensor(shared, dtype=torch.long, device=logits.device)
+            sh = to_device(shared, torch.long, logits.device)
             drawn = torch.multinomial(probs.index_select(0, sh), 1, generator=self._shared).squeeze(1)
             for k, j in enumerate(shared):
                 out[sampled[j]] = drawn[k]
@@ -143,7 +145,7 @@ class Sampler:
     def _apply_penalties(row: torch.Tensor, r: SamplingRow, vocab: int) -> None:
         p = r.params
         if (p.frequency_penalty or p.presence_penalty) and r.output_ids:
-            out_ids = torch.tensor(list(r.output_ids), dtype=torch.long, device=row.device)
+            out_ids = to_device(list(r.output_ids), torch.long, row.device)
             counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(row.dtype)
             if p.frequency_penalty:
                 row.sub_(p.frequency_penalty * counts)
@@ -151,7 +153,7 @@ class Sampler:
                 row.sub_(p.presence_penalty * (counts > 0).to(row.dtype))
         if p.repetition_penalty != 1.0:
             # transformers / vLLM semantics: every token seen so far (prompt and output).
-            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long, device=row.device)
+            seen = to_device(sorted(set(r.prompt_ids) | set(r.output_ids)), torch.long, row.device)
             if seen.numel():
                 vals = row.index_select(0, seen)
                 vals = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
@@ -166,9 +168,9 @@ class Sampler:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         vocab = probs.shape[-1]
         ranks = torch.arange(vocab, device=device).unsqueeze(0)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device).unsqueeze(1)
-        top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-        min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
+        top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, device).unsqueeze(1)
+        top_p = to_device([p.top_p for p in params], torch.float32, device).unsqueeze(1)
+        min_p = to_device([p.min_p for p in params], torch.float32, device).unsqueeze(1)
         drop = ranks >= top_k
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop |= (sorted_p.cumsum(dim=-1) - sorted_p) > top_p
