@@ -351,7 +351,8 @@ def decode_batch1(eng: Any, cfg: Any, ceilings: dict[str, Any], wbytes: int) -> 
 def throughput(eng: Any, cfg: Any, ceilings: dict[str, Any], wbytes: int, hf: Any | None) -> dict[str, Any]:
     n = 64
     prompts = random_prompts(n, [512], cfg.vocab_size, seed=31)
-    run_requests(eng, random_prompts(n, [64], cfg.vocab_size, seed=30), [8] * n, "warm-tp")
+    # Warm-up at the measured shapes: kernel specialisations, cuBLAS choices, allocator segments.
+    run_requests(eng, random_prompts(n, [512], cfg.vocab_size, seed=30), [4] * n, "warm-tp")
     flush(eng)
     timed, wall = run_requests(eng, prompts, [256] * n, "uniform")
     tok_s = n * 256 / wall
