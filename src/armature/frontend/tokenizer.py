@@ -114,7 +114,9 @@ class ModelTokenizer:
         return tpl
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode() holds the GIL for the whole prompt (~7 ms for 4k tokens), freezing the event
+        # loop while a worker thread tokenizes; encode_batch releases it and gives the same ids.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
