@@ -85,6 +85,11 @@ class SglangServerConfig:
     host: str = "127.0.0.1"
     stream_interval: int = 1
     disable_radix_cache: bool = False
+    # GPU: the native engine takes auto/torch/triton; SGLang its own backend names.
+    attention_backend: str | None = None
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False
     trust_remote_code: bool = False
     random_seed: int | None = None
     tool_call_parser: str | None = None
@@ -357,6 +362,14 @@ def build_sglang_parser(prog: str = "python -m armature.sglang") -> argparse.Arg
                    help="address the prefill worker's bootstrap server binds (0.0.0.0 for other hosts)")
     p.add_argument("--stream-interval", type=_positive_int, default=1)
     p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--attention-backend", default=None,
+                   help="native engine: auto (triton on CUDA, torch on CPU), triton or torch; "
+                        "--engine sglang: any SGLang backend (flashinfer, fa3, triton, ...)")
+    p.add_argument("--cuda-graph-max-bs", type=_positive_int, default=None,
+                   help="largest decode batch replayed from a CUDA graph")
+    p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="read each step's tokens before scheduling the next (overlap is on by default on GPUs)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--random-seed", type=int, default=None)
     p.add_argument("--tool-call-parser", default=None)

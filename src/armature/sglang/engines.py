@@ -55,6 +55,7 @@ def native_server_args(config: WorkerConfig) -> dict[str, Any]:
         "max_prefill_tokens": s.max_prefill_tokens,
         "disable_radix_cache": s.disable_radix_cache,
         "stream_interval": s.stream_interval,
+        "disable_cuda_graph": s.disable_cuda_graph,
         # The frontend tokenizes; the worker's engine never needs the tokenizer.
         "skip_tokenizer_init": True,
         "kv_events_config": s.kv_events_config if s.use_kv_events else default_kv_events_config(),
@@ -69,6 +70,10 @@ def native_server_args(config: WorkerConfig) -> dict[str, Any]:
         "chunked_prefill_size": s.chunked_prefill_size,
         "max_running_requests": s.max_running_requests,
         "random_seed": s.random_seed,
+        "attention_backend": s.attention_backend,
+        "cuda_graph_max_bs": s.cuda_graph_max_bs,
+        # Unset keeps the engine's default: overlap on CUDA, off on the CPU.
+        "disable_overlap_schedule": True if s.disable_overlap_schedule else None,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     return kwargs

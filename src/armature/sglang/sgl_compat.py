@@ -73,6 +73,8 @@ def server_kwargs(server: SglangServerConfig) -> dict[str, Any]:
         "disaggregation_transfer_backend": server.disaggregation_transfer_backend,
         "stream_interval": server.stream_interval,
         "disable_radix_cache": server.disable_radix_cache,
+        "disable_cuda_graph": server.disable_cuda_graph,
+        "disable_overlap_schedule": server.disable_overlap_schedule,
         "trust_remote_code": server.trust_remote_code,
         "is_embedding": server.is_embedding,
         "log_level": server.log_level,
@@ -88,6 +90,8 @@ def server_kwargs(server: SglangServerConfig) -> dict[str, Any]:
         "kv_events_config": server.kv_events_config,
         "chat_template": server.chat_template,
         "random_seed": server.random_seed,
+        "attention_backend": server.attention_backend,
+        "cuda_graph_max_bs": server.cuda_graph_max_bs,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     return kwargs

@@ -34,6 +34,23 @@ def test_native_server_args(model_dir: str) -> None:
     assert native_server_args(cfg)["kv_events_config"] == given
 
 
+def test_gpu_flags_reach_the_native_engine(model_dir: str) -> None:
+    cfg = parse_args(["--model-path", model_dir, "--engine", "native", "--attention-backend", "triton",
+                      "--cuda-graph-max-bs", "48", "--disable-cuda-graph", "--disable-overlap-schedule"])
+    args = ServerArgs.from_kwargs(**native_server_args(cfg))
+    assert (args.attention_backend, args.cuda_graph_max_bs) == ("triton", 48)
+    assert args.disable_cuda_graph is True and args.disable_overlap_schedule is True
+    # Unset: the engine decides (triton + graphs + overlap on CUDA, torch on the CPU).
+    args = ServerArgs.from_kwargs(**native_server_args(parse_args(["--model-path", model_dir, "--engine", "native"])))
+    assert args.attention_backend == "auto" and args.disable_overlap_schedule is None
+
+
+async def test_unknown_attention_backend_is_a_config_error(model_dir: str) -> None:
+    cfg = parse_args(["--model-path", model_dir, "--engine", "native", "--attention-backend", "flashinfer"])
+    with pytest.raises(ConfigError, match="attention_backend must be auto, torch or triton"):
+        await create_engine(cfg)
+
+
 def test_mocker_sized_by_sglang_flags(model_dir: str) -> None:
     cfg = parse_args(["--model-path", model_dir, "--engine", "mocker", "--page-size", "16",
                       "--max-total-tokens", "4096", "--max-running-requests", "12", "--chunked-prefill-size", "-1"])
