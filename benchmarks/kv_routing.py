@@ -31,6 +31,10 @@ worker holding a group loses its next request to any worker running one request 
     /work/shared/anchors/dynamo-venv.sh /work/dynamo-venv
     .venv/bin/python benchmarks/kv_routing.py --systems armature  # Armature alone
 
+The cached-share target compares the engines' reported cached share with the workload's
+shareable share computed over the same token ids (the rendered chat prompt; see
+``engine_shareable_share``).
+
 Prints a table and writes benchmarks/results/kv_routing.json.
 """
 
@@ -53,7 +57,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from serve_vs_dynamo import MODEL_NAME, System, free_port, http_get, loopback_env  # noqa: E402
 
-from armature.bench import RunConfig, Slo, prefix_sharing, run  # noqa: E402
+from armature.bench import RunConfig, Slo, Workload, prefix_sharing, run  # noqa: E402
+from armature.bench.workload import block_shareable_share  # noqa: E402
+from armature.frontend.tokenizer import ModelTokenizer  # noqa: E402
 
 MODES = ("kv", "round-robin")
 
@@ -151,11 +157,36 @@ def dynamo_cluster(args: argparse.Namespace, model_dir: Path, tmp: Path) -> Clus
     return Cluster("dynamo", cmds, loopback_env("DYN_FILE_KV", kv), ports, tmp)
 
 
-async def phase(args: argparse.Namespace, cluster: Cluster, mode: str, seed: int) -> dict[str, object]:
+def engine_shareable_share(workload: Workload, tokenizer: ModelTokenizer, block_size: int) -> float:
+    """The workload's shareable share over the token ids the engines see.
+
+    The cached share the engines report (usage ``cached_tokens / prompt_tokens``) counts the
+    rendered chat prompt: SmolLM2's template adds ~30 tokens (a default system turn ahead of the
+    prefix, the turn markers after the suffix), which shifts the prefix's block boundaries. The
+    workload's own estimate counts prompt words only, so comparing the two would mix bases (it
+    put the yardstick ~0.7 points too high). Both systems render the same template from the same
+    model folder, so one computation serves both.
+    """
+    template = tokenizer.chat_template()
+    if template is None:
+        raise RuntimeError("the model has no chat template; the workload is sent as chat")
+    seqs = []
+    for s in workload.sessions:
+        messages = [{"role": "user", "content": s.turns[0].prompt.text or ""}]  # as armature.bench sends it
+        text = template.render(messages, add_generation_prompt=True)
+        seqs.append(tokenizer.encode(text, add_special_tokens=False))
+    return block_shareable_share(seqs, block_size)
+
+
+async def phase(
+    args: argparse.Namespace, cluster: Cluster, mode: str, seed: int, tokenizer: ModelTokenizer
+) -> dict[str, object]:
     workload = prefix_sharing(
         args.requests, args.groups, args.prefix_len, args.suffix_len, args.output_len, seed=seed,
         block_size=args.block_size,
     )  # fmt: skip
+    prompt_only_share = workload.shareable_share
+    workload.shareable_share = engine_shareable_share(workload, tokenizer, args.block_size)
     cfg = RunConfig(
         url=f"http://127.0.0.1:{cluster.ports[mode]}", model=MODEL_NAME, concurrency=args.concurrency,
         new_connection=True, progress=False, slo=Slo(ttft_ms=args.slo_ttft_ms), timeout_s=120,
@@ -167,6 +198,7 @@ async def phase(args: argparse.Namespace, cluster: Cluster, mode: str, seed: int
     rep = outcome.report
     return {
         "system": cluster.name, "mode": mode, "seed": seed, **rep.to_dict(),
+        "prompt_only_shareable_share": prompt_only_share,
         "loadavg_1m": [load0, os.getloadavg()[0]],
         "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1},
     }  # fmt: skip
@@ -243,6 +275,7 @@ async def bench(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model_path) if args.model_path else resolve_model_path(None)
     tmp = Path(tempfile.mkdtemp(prefix="kv-routing-"))
+    tokenizer = ModelTokenizer.from_dir(model_dir)
     clusters: list[Cluster] = []
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
         if name == "armature":
@@ -266,7 +299,8 @@ async def bench(args: argparse.Namespace) -> int:
         await asyncio.sleep(2.0)  # let late workers' KV subscriptions settle
         for c in clusters:  # warm-up: lazy imports and connection pools, on prefixes never reused
             for mode in MODES:
-                await phase(argparse.Namespace(**{**vars(args), "requests": 16}), c, mode, seed=10_000 + MODES.index(mode))
+                warm = argparse.Namespace(**{**vars(args), "requests": 16})
+                await phase(warm, c, mode, 10_000 + MODES.index(mode), tokenizer)
         seed = 0
         for rnd in range(args.rounds):
             order = [(c, m) for c in clusters for m in MODES]
@@ -274,7 +308,7 @@ async def bench(args: argparse.Namespace) -> int:
                 order.reverse()
             for c, mode in order:
                 seed += 1
-                r = await phase(args, c, mode, seed)
+                r = await phase(args, c, mode, seed, tokenizer)
                 results.append(r)
                 ttft = r["ttft_ms"] or {}  # type: ignore[assignment]
                 p50, p90 = ttft.get("p50") or float("nan"), ttft.get("p90") or float("nan")  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,33 @@ def _join(a: Prompt, b: Prompt) -> Prompt:
     if a.token_ids is not None and b.token_ids is not None:
         return Prompt(token_ids=a.token_ids + b.token_ids, target_tokens=a.target_tokens + b.target_tokens)
     return Prompt(text=f"{a.text} {b.text}", target_tokens=a.target_tokens + b.target_tokens)
+
+
+def block_shareable_share(token_seqs: Sequence[Sequence[int]], block_size: int) -> float:
+    """Share of all tokens an ideal prefix cache could serve, over the exact token ids sent.
+
+    A request's whole block is shareable when an earlier request had the same tokens up to and
+    including that block (prefix caches match whole blocks from the start). Computed on the ids
+    the engine sees (chat template included), it is the yardstick for the engine-reported cached
+    share, which counts the same ids; the workloads' own estimate counts prompt words only.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    seen: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent node, block) -> node
+    shareable = 0
+    total = 0
+    for seq in token_seqs:
+        total += len(seq)
+        node = 0
+        for start in range(0, len(seq) - block_size + 1, block_size):
+            key = (node, tuple(seq[start : start + block_size]))
+            child = seen.get(key)
+            if child is None:
+                child = seen[key] = len(seen) + 1
+            else:
+                shareable += block_size
+            node = child
+    return shareable / total if total else 0.0
 
 
 def prefix_sharing(

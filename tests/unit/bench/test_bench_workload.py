@@ -9,7 +9,7 @@ import pytest
 
 from armature.bench.client import RequestResult, Target
 from armature.bench.report import Slo, percentile, summarize
-from armature.bench.workload import mooncake_trace, prefix_sharing, read_mooncake_trace
+from armature.bench.workload import block_shareable_share, mooncake_trace, prefix_sharing, read_mooncake_trace
 
 
 def test_prefix_groups_share_exactly_their_prefix() -> None:
@@ -77,3 +77,26 @@ def test_target_url_gets_v1() -> None:
     assert Target.parse("http://h:1/v1/").base_path == "/v1"
     with pytest.raises(ValueError):
         Target.parse("ftp://x")
+
+
+def test_block_shareable_share_counts_whole_blocks_seen_before_from_the_start() -> None:
+    head = [1, 2, 3, 4]  # a chat template's fixed opening, shared by every request
+    a = head + [10, 11, 12, 13, 90]
+    b = head + [10, 11, 12, 13, 91, 92]
+    c = head + [20, 11, 12, 13]  # same second block as a, but after a different one: not shared
+    # block 4: b reuses a's two whole blocks, c only the head; trailing partial blocks never count
+    assert block_shareable_share([a, b, c], 4) == pytest.approx((8 + 4) / (9 + 10 + 8))
+    assert block_shareable_share([c, a, b], 4) == pytest.approx((4 + 8) / (8 + 9 + 10))
+    assert block_shareable_share([], 4) == 0.0
+    with pytest.raises(ValueError, match="block_size"):
+        block_shareable_share([a], 0)
+
+
+def test_shareable_share_over_engine_tokens_counts_the_template_and_its_block_shift() -> None:
+    w = prefix_sharing(32, 4, prefix_len=64, suffix_len=16, output_len=8, tokens=True, block_size=16)
+    head = [7] * 30  # like SmolLM2's default system turn ahead of the user's text
+    seqs = [head + (s.turns[0].prompt.token_ids or []) + [8, 9] for s in w.sessions]
+    # 30 + 64 = 94 shared tokens = 5 whole blocks (80 tokens) per later request of a group; the
+    # first request of groups 2-4 still reuses the head's one whole block
+    assert block_shareable_share(seqs, 16) == pytest.approx((28 * 80 + 3 * 16) / (32 * 112))
+    assert w.shareable_share == pytest.approx(28 * 64 / (32 * 80))  # the prompt-only estimate
