@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from armature.engine.attention.triton_backend import DecodeBuffers, TritonAttentionBackend
 from armature.engine.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
@@ -37,6 +36,9 @@ def batch_size_ladder(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_bs: int) -> None:
+        # Imported here: the Triton modules need triton, which CPU-only installs lack.
+        from armature.engine.attention.triton_backend import DecodeBuffers, TritonAttentionBackend
+
         backend = runner.attn_backend
         if not isinstance(backend, TritonAttentionBackend):
             raise TypeError("CUDA graphs need the Triton attention backend")
