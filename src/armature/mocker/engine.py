@@ -18,6 +18,7 @@ from armature.engine.engine import ThreadedEngine
 from armature.engine.scheduler import Scheduler, SchedulerConfig
 from armature.engine.server_args import ServerArgs
 from armature.mocker.args import MockerArgs
+from armature.mocker.deadline import DeadlineTimer
 from armature.mocker.runner import SimulatedExecutor
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class MockerEngine(ThreadedEngine):
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._deadline_timer: DeadlineTimer | None = None
         self._driver_lock = threading.Lock()
         self._driver_done = threading.Event()
         self._timer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mocker-timer")
@@ -190,6 +192,7 @@ class MockerEngine(ThreadedEngine):
     async def _drive(self) -> None:
         wake = self._wake
         assert wake is not None
+        self._deadline_timer = DeadlineTimer.create(asyncio.get_running_loop())
         try:
             while self._drain_commands():
                 if self.scheduler.has_work and not self._paused:
@@ -204,13 +207,17 @@ class MockerEngine(ThreadedEngine):
                     if self._cmds.empty():
                         await wake.wait()
         finally:
+            timer, self._deadline_timer = self._deadline_timer, None
+            if timer is not None:
+                timer.close()
             self._driver_done.set()
 
     async def _sleep_until(self, deadline: float, batch_size: int) -> None:
         """Sleep until ``deadline`` (perf_counter), exactly enough that the model's times hold.
 
-        The event loop's timer ticks in whole milliseconds (a 1.72 ms prefill would take 2 ms);
-        a timer thread is exact but costs a hand-off per step, which on a busy worker adds up.
+        On Linux a timerfd on the loop (``DeadlineTimer``) wakes it at the deadline itself.
+        Elsewhere: the event loop's timer ticks in whole milliseconds (a 1.72 ms prefill would
+        take 2 ms); a timer thread is exact but costs a hand-off per step, which on a busy worker adds up.
         So: the loop's timer for the bulk of a long sleep and the thread for its last stretch;
         the thread alone for a short step of few requests (latency is what is measured then);
         the loop's timer alone (rounded up) for a short step of many, whose lateness following
@@ -219,6 +226,10 @@ class MockerEngine(ThreadedEngine):
         delay = deadline - time.perf_counter()
         if delay <= 0:
             await asyncio.sleep(0)  # let the callers' tasks run before the next step
+            return
+        timer = self._deadline_timer
+        if timer is not None:  # exact, and no thread: the loop's poll wakes at the deadline
+            await timer.sleep_until(deadline)
             return
         if delay < _COARSE_SLEEP_S and batch_size > _EXACT_TIMER_MAX_BATCH:
             await asyncio.sleep(delay + 0.0005)  # uvloop rounds to the nearest ms: round up
