@@ -46,6 +46,30 @@ async def test_dynamo_decision_scenario() -> None:
         assert (second.worker_id, second.overlap_blocks) == (W2, 2)
 
 
+@pytest.mark.parametrize("seed", range(6))
+async def test_cost_tie_goes_to_the_worker_that_holds_the_prefix(seed: int) -> None:
+    """At equal cost, the worker that caches the request's prefix stores only its tail; the
+    other would compute and store the whole prefix again. The holder wins even though it
+    caches more blocks in all."""
+    router = KvRouter(block_size=BS, rng=random.Random(seed))
+    holder, other = SimWorker(W1), SimWorker(W2)
+    for w in (holder, other):
+        await router.add_worker(w.worker_id)
+    prefix = [f"p{i}" for i in range(8)]
+    for ev in [*holder.store(tokens(*prefix)), *other.store(tokens(*"UVW"))]:
+        await router.on_event(ev)
+    # The holder runs a foreign 8-block request (prefill done): exactly what the cache saves.
+    router.best_worker(tokens(*[f"f{i}" for i in range(8)]), request_id="f", hints=RoutingHints(backend_instance_id=W1))
+    router.mark_prefill_completed("f")
+
+    req = tokens(*prefix, "x")
+    costs = {c.worker_id: c for c in router.potential_loads(req)}
+    assert costs[W1].logit == costs[W2].logit == 8 + 1 + 9  # load + prefill blocks + decode blocks
+    assert (costs[W1].tree_size, costs[W2].tree_size) == (8, 3)
+    d = router.best_worker(req, request_id="r")
+    assert (d.worker_id, d.overlap_blocks) == (W1, 8)
+
+
 async def test_cost_counts_active_load_until_freed() -> None:
     router, _, _ = await seeded_router()
     # Three long requests with no cache anywhere: the second avoids the first one's worker.
@@ -204,7 +228,7 @@ async def test_decision_is_the_cheapest_candidate_under_churn() -> None:
         assert chosen.logit == pytest.approx(cheapest)
         assert d.overlap_blocks == chosen.overlap_blocks
         ties = [c for c in costs if c.logit == pytest.approx(cheapest)]
-        assert chosen.tree_size == min(c.tree_size for c in ties)
+        assert chosen.tree_size - chosen.overlap_blocks == min(c.tree_size - c.overlap_blocks for c in ties)
         live.append(f"r{step}")
         if rng.random() < 0.3:
             router.mark_prefill_completed(rng.choice(live))

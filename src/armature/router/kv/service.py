@@ -461,7 +461,7 @@ class KvRouter:
         const = weight / self.block_size * isl + request_blocks
         keys = table.keys
         i = self.scheduler.pick(
-            logits, const, lambda ties: table.gather(index.slot_sizes, index, ties), temperature
+            logits, const, lambda ties: table.gather(index.slot_sizes, index, ties) - overlap[ties], temperature
         )
         key = keys[i]
         ov = int(overlap[i])
