@@ -10,12 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from armature.engine import Engine
 from engine_core_ref import varied_prompts
 
 
-def _run(path: Path, no_overlap: bool | None, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    eng = Engine(model_path=str(path), max_total_tokens=1 << 13, disable_overlap_schedule=no_overlap)
+def _run(
+    path: Path, no_overlap: bool | None, prompts: list[list[int]], params: list[dict[str, Any]], **engine: Any
+) -> list[dict[str, Any]]:
+    eng = Engine(model_path=str(path), max_total_tokens=1 << 13, disable_overlap_schedule=no_overlap, **engine)
     try:
         out = eng.generate(input_ids=prompts, sampling_params=params)
         eng.run_in_loop(eng.scheduler.check_accounting).result()
@@ -26,7 +30,12 @@ def _run(path: Path, no_overlap: bool | None, prompts: list[list[int]], params: 
         eng.shutdown()
 
 
-def test_stop_tokens_lengths_and_seeded_sampling_match_the_synchronous_schedule(tiny_llama_path: Path) -> None:
+@pytest.mark.parametrize(
+    "engine", [{}, {"chunked_prefill_size": 32, "enable_mixed_chunk": True}], ids=["plain", "mixed-chunks"]
+)
+def test_stop_tokens_lengths_and_seeded_sampling_match_the_synchronous_schedule(
+    tiny_llama_path: Path, engine: dict[str, Any]
+) -> None:
     prompts = varied_prompts(10, seed=5)
     greedy = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
     free_run = _run(tiny_llama_path, None, prompts, [greedy] * len(prompts))
@@ -38,8 +47,8 @@ def test_stop_tokens_lengths_and_seeded_sampling_match_the_synchronous_schedule(
             params.append({**greedy, "max_new_tokens": 1 + i % 4})
         else:  # seeded sampling: its own generator, independent of the batch around it
             params.append({"temperature": 0.8, "top_p": 0.9, "seed": 100 + i, "max_new_tokens": 9, "ignore_eos": True})
-    sync = _run(tiny_llama_path, None, prompts, params)
-    overlap = _run(tiny_llama_path, False, prompts, params)
+    sync = _run(tiny_llama_path, None, prompts, params, **engine)
+    overlap = _run(tiny_llama_path, False, prompts, params, **engine)
     for i, (a, b) in enumerate(zip(sync, overlap)):
         assert a["output_ids"] == b["output_ids"], i
         assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"], i
