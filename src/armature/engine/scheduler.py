@@ -487,15 +487,47 @@ class Scheduler:
             r.pages.extend(self._alloc(need))
             seqs.append(self._seq(r, n))
             budget -= n
+        held: list[Req] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             r = self.waiting[0]
+            if self._prefix_in_flight(r):
+                held.append(self.waiting.popleft())
+                continue
             if not self._admit(r, budget, first=not seqs):
                 break
             self.waiting.popleft()
             n = self._chunk(r, budget, not seqs)
             seqs.append(self._seq(r, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))  # first in line again, in their order
         return seqs
+
+    def _prefix_in_flight(self, r: Req) -> bool:
+        """A running request is computing pages of ``r``'s prompt that are not cached yet.
+
+        Admitting ``r`` now would compute them a second time (SGLang's in-batch prefix caching
+        check): it waits until they are in the cache, at most as long as that prefill takes.
+        """
+        if not self.cache.enabled or r.kv_len or r.num_retractions:
+            return False
+        ps = self.page_size
+        prompt = r.input_ids
+        first = prompt[:ps]
+        if len(first) < ps:
+            return False
+        for p in self.running:
+            other = p.input_ids
+            # Pages p has not given to the cache yet, and whether r shares any of them.
+            start = p.cached_pages * ps
+            if start >= len(other) - ps + 1 or other[:ps] != first:
+                continue
+            shared = 0
+            limit = min(len(prompt), len(other)) // ps
+            while shared < limit and prompt[shared * ps : (shared + 1) * ps] == other[shared * ps : (shared + 1) * ps]:
+                shared += 1
+            if shared > p.cached_pages:
+                return True
+        return False
 
     def _admit(self, r: Req, budget: int, first: bool) -> bool:
         # Keep at least one token to compute (its logits give the next token), and when prompt
