@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -63,6 +64,8 @@ async def serve(args: FrontendArgs) -> int:
         scheme = "https" if args.tls_cert_path else "http"
         log.info("frontend listening on %s://%s:%d (router %s)", scheme, args.http_host, args.http_port,
                  args.router_mode.value)  # fmt: skip
+        # What lives now lives as long as the process: full collections need not walk it again.
+        gc.freeze()
         # The server owns SIGTERM/SIGINT here: it stops accepting, lets requests finish within the
         # graceful timeout, then returns.
         await server.serve()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -220,6 +221,10 @@ async def run_workers(configs: Sequence[WorkerConfig]) -> int:
                 log.error("worker failed to start: %s", err, exc_info=err)
         if errors:
             return 1
+        # Everything alive now (modules, the engine, the model) lives as long as the process: keep
+        # the collector from walking it again. Without this every full collection re-scanned the
+        # imported libraries' objects, ~9% of a serving mocker worker's CPU.
+        gc.freeze()
         for rt in runtimes:
             await rt.wait_closed()
         return 0

@@ -88,6 +88,12 @@ def advertise_host_for(bind_host: str, env: Mapping[str, str] | None = None) -> 
         return "127.0.0.1"
 
 
+# An ACK only ends the caller's first-response timer (seconds long), so it waits up to this long
+# for the stream's first item and leaves in the same write: one send and one wake-up of the
+# caller less per request.
+ACK_DELAY_S = 0.005
+
+
 class _Connection(asyncio.Protocol):
     """Frame I/O shared by both ends: coalesced writes and write back-pressure."""
 
@@ -96,6 +102,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.out = bytearray()
         self._flush_scheduled = False
+        self._delayed_flush: asyncio.TimerHandle | None = None
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = False
@@ -125,6 +132,9 @@ class _Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        if self._delayed_flush is not None:
+            self._delayed_flush.cancel()
+            self._delayed_flush = None
         if self.out and self.transport is not None and not self.closed:
             data, self.out = self.out, bytearray()
             self.transport.write(data)
@@ -134,6 +144,14 @@ class _Connection(asyncio.Protocol):
             return
         append_frame(self.out, kind, stream_id, body)
         self.schedule_flush()
+
+    def send_soon(self, kind: FrameKind, stream_id: int, delay_s: float) -> None:
+        """Queue a frame that may wait up to ``delay_s`` for the next write (it rides along)."""
+        if self.closed:
+            return
+        append_frame(self.out, kind, stream_id, _EMPTY)
+        if not self._flush_scheduled and self._delayed_flush is None:
+            self._delayed_flush = self.loop.call_later(delay_s, self.flush)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -169,6 +187,9 @@ class _Connection(asyncio.Protocol):
             return
         self.closed = True
         self.out = bytearray()
+        if self._delayed_flush is not None:
+            self._delayed_flush.cancel()
+            self._delayed_flush = None
         self.resume_writing()  # release handlers waiting to write; their sends are now dropped
         self.on_closed(reason)
 
@@ -200,7 +221,7 @@ class _TcpSink(StreamSink):
         self.sid = sid
 
     def send_ack(self) -> None:
-        self.conn.send(FrameKind.ACK, self.sid)
+        self.conn.send_soon(FrameKind.ACK, self.sid, ACK_DELAY_S)
 
     def send_item(self, item: object) -> int:
         conn = self.conn
