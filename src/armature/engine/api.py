@@ -6,7 +6,7 @@ Handlers never see a concrete engine: they build a ``GenerateRequest`` with a ca
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
@@ -177,3 +177,19 @@ class Engine(Protocol):
     async def stop_profile(self) -> None: ...
 
     async def shutdown(self) -> None: ...
+
+
+OutputCallback = Callable[[GenerateOutput], None]
+
+
+@runtime_checkable
+class PushEngine(Protocol):
+    """An engine that can also hand a request's outputs to a callback, without a task wake-up per
+    output (a worker serving many streams then does per step what ``generate_stream`` does per
+    output and per stream). Optional: handlers fall back to ``generate_stream``."""
+
+    def generate_push(self, req: GenerateRequest, on_output: OutputCallback) -> None:
+        """Submit ``req``; ``on_output`` then runs on the calling thread's event loop with each
+        output, the last one with ``finish_reason`` set. Raises ``InvalidRequestError`` at once for
+        a request that can never run. ``abort(rid)`` ends it (with a final ABORT output)."""
+        ...

@@ -36,6 +36,7 @@ from armature.engine.api import (
     GenerateRequest,
     InvalidRequestError,
     LoadMetrics,
+    OutputCallback,
     SamplingParams,
 )
 from armature.engine.forward_batch import ForwardBatch
@@ -97,9 +98,28 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _put_all(items: list[tuple[asyncio.Queue[GenerateOutput], GenerateOutput]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)
+class _CallbackSink:
+    """``generate_push``: outputs go to a callback on the caller's event loop."""
+
+    __slots__ = ("loop", "fn")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: OutputCallback) -> None:
+        self.loop = loop
+        self.fn = fn
+
+    def put(self, out: GenerateOutput) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.fn, out)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(items: list[tuple[OutputCallback, GenerateOutput]]) -> None:
+    for fn, out in items:
+        try:
+            fn(out)
+        except Exception:  # noqa: BLE001 - one caller's failing callback must not starve the others
+            log.exception("output callback for request %s failed", out.rid)
 
 
 class _SyncSink:
@@ -217,7 +237,7 @@ class ThreadedEngine:
             return
         # One cross-thread wake-up per event loop per step, not one per output: at 64 running
         # requests the per-token call_soon_threadsafe (a self-pipe write each) dominated.
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[GenerateOutput], GenerateOutput]]] = {}
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputCallback, GenerateOutput]]] = {}
         others: list[tuple[OutputSink, GenerateOutput]] = []
         with self._sinks_lock:
             sinks = self._sinks
@@ -225,11 +245,13 @@ class ThreadedEngine:
                 sink = sinks.pop(out.rid, None) if out.finish_reason is not None else sinks.get(out.rid)
                 if sink is None:
                     continue
-                if type(sink) is _AsyncSink:
-                    batch = per_loop.get(sink.loop)
+                kind = type(sink)
+                if kind is _CallbackSink or kind is _AsyncSink:
+                    batch = per_loop.get(sink.loop)  # type: ignore[attr-defined]
                     if batch is None:
-                        batch = per_loop[sink.loop] = []
-                    batch.append((sink.queue, out))
+                        batch = per_loop[sink.loop] = []  # type: ignore[attr-defined]
+                    fn = sink.fn if kind is _CallbackSink else sink.queue.put_nowait  # type: ignore[attr-defined]
+                    batch.append((fn, out))
                 else:
                     others.append((sink, out))
         here = _running_loop()
@@ -306,6 +328,9 @@ class ThreadedEngine:
             if not finished:
                 # The consumer stopped listening (cancelled, or broke out): free what it held.
                 self._post(("abort", req.rid))
+
+    def generate_push(self, req: GenerateRequest, on_output: OutputCallback) -> None:
+        self.submit(req, _CallbackSink(asyncio.get_running_loop(), on_output))
 
     async def abort(self, rid: str) -> None:
         with self._sinks_lock:

@@ -43,7 +43,7 @@ from armature.runtime.request_plane.base import (
     ServerTransport,
     TransportInfo,
 )
-from armature.runtime.request_plane.dispatcher import Dispatcher, RequestHandler, ServedEndpoint
+from armature.runtime.request_plane.dispatcher import Dispatcher, PushHandler, RequestHandler, ServedEndpoint
 from armature.runtime.request_plane.stream import ResponseStream
 from armature.runtime.status import (
     CanaryConfig,
@@ -528,8 +528,14 @@ class Endpoint:
         graceful_shutdown: bool = True,
         health_check_payload: Any = None,
         request_type: Any = None,
+        push_handler: PushHandler | None = None,
     ) -> None:
-        """Accept requests and register the instance in discovery; returns at once."""
+        """Accept requests and register the instance in discovery; returns at once.
+
+        ``push_handler`` (optional) serves the same requests by pushing items as they appear
+        (``async def p(request, context, emit)``), without a task wake-up per item; the request
+        plane uses it instead of ``handler`` when given.
+        """
         if not callable(handler) or (inspect.iscoroutinefunction(handler) and not inspect.isasyncgenfunction(handler)):
             raise TypeError("handler must be an async generator function: async def h(request, context): yield ...")
         rt = self.runtime
@@ -544,6 +550,7 @@ class Endpoint:
             handler,
             _any_decoder if rtype is Any else msgspec.msgpack.Decoder(rtype),
             rt.metrics.endpoint(self.namespace, self.component, self.name),
+            push=push_handler,
         )
         rt.dispatcher.add(served)
         rt._served[self.path] = _ServedRegistration(self, served, graceful_shutdown, health_check_payload)

@@ -165,6 +165,8 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
             graceful_shutdown=True,
             health_check_payload=payload,
             request_type=PreprocessedRequest,
+            # Engines that can call back (native, mocker): no task wake-up per token.
+            push_handler=handler.generate_push if isinstance(handler, DecodeWorkerHandler) and handler.can_push else None,
         )
         await serve_kv_queries(runtime, config, publisher)
         if config.serving_mode is ServingMode.PREFILL:

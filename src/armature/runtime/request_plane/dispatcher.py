@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,10 @@ from armature.runtime.request_plane.codec import FrameTooLarge, RequestHead
 log = logging.getLogger(__name__)
 
 RequestHandler = Callable[[Any, Context], AsyncIterator[Any]]
+# The same requests, served by pushing: ``emit(item)`` sends an item as soon as it exists (no task
+# wake-up per item, e.g. from an engine's output callback); the stream ends when the coroutine
+# returns, and fails with what it raises, exactly as a generator handler's would.
+PushHandler = Callable[[Any, Context, Callable[[Any], None]], Awaitable[None]]
 
 
 @dataclass
@@ -35,6 +40,7 @@ class ServedEndpoint:
     handler: RequestHandler
     decoder: msgspec.msgpack.Decoder
     metrics: EndpointMetrics | None = None
+    push: PushHandler | None = None  # preferred over ``handler`` when set
     streams: set[HandlerStream] = field(default_factory=set)
     last_activity: float = field(default_factory=time.monotonic)  # for idle-time canary checks
 
@@ -46,7 +52,10 @@ class ServedEndpoint:
 class HandlerStream:
     """One request being served: its context, its task and its credit."""
 
-    __slots__ = ("served", "context", "sink", "credits", "task", "shutting_down", "_credit_waiter", "_dispatcher")
+    __slots__ = (
+        "served", "context", "sink", "credits", "task", "shutting_down", "_credit_waiter", "_dispatcher", "_backlog",
+        "_sent",
+    )  # fmt: skip
 
     def __init__(self, dispatcher: Dispatcher, served: ServedEndpoint, context: Context, sink: StreamSink, window: int):
         self._dispatcher = dispatcher
@@ -57,17 +66,38 @@ class HandlerStream:
         self.task: asyncio.Task[None] | None = None
         self.shutting_down = False
         self._credit_waiter: asyncio.Future[None] | None = None
+        self._backlog: deque[Any] = deque()  # pushed items waiting for credit
+        self._sent = 0
 
     # Control from the caller ------------------------------------------------------------------
 
     def add_credit(self, n: int) -> None:
         self.credits += n
+        backlog = self._backlog
+        while backlog and self.credits > 0:
+            self.credits -= 1
+            try:
+                self._sent += self.sink.send_item(backlog.popleft())
+            except FrameTooLarge as e:
+                self._fail(ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}")
+                return
+            except (TypeError, msgspec.EncodeError) as e:
+                self._fail(ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}")
+                return
         waiter = self._credit_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def stop(self) -> None:
         self.context.stop_generating()
+
+    def _fail(self, kind: str, message: str) -> None:
+        """A held-back item could not be sent: end the stream with that error, stop the handler."""
+        self._backlog.clear()
+        self.sink.send_error(kind, message, False)
+        self.context.kill()
+        if self.task is not None:
+            self.task.cancel()
 
     def kill(self) -> None:
         """The caller wants nothing more: cancel the handler (its ``finally`` blocks still run)."""
@@ -93,8 +123,20 @@ class HandlerStream:
         sent = 0
         agen: AsyncIterator[Any] | None = None
         try:
-            agen = served.handler(request, self.context)
-            async for item in agen:
+            if served.push is not None:
+                try:
+                    await served.push(request, self.context, self._emit)
+                    await self._drain_backlog()
+                except FrameTooLarge as e:
+                    sink.send_error(ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}", False)
+                    return
+                except (TypeError, msgspec.EncodeError) as e:
+                    sink.send_error(ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}", False)
+                    return
+                agen = None
+            else:
+                agen = served.handler(request, self.context)
+            async for item in agen or _NOTHING:
                 if self.credits <= 0:
                     await self._wait_credit()
                 self.credits -= 1
@@ -135,7 +177,20 @@ class HandlerStream:
             served.last_activity = time.monotonic()
             self._dispatcher._finished(self)
             if metrics is not None:
-                metrics.finished(started, sent)
+                metrics.finished(started, sent + self._sent)
+
+    def _emit(self, item: Any) -> None:
+        """A push handler's item: sent now, or held until the caller grants credit."""
+        if self._backlog or self.credits <= 0:
+            self._backlog.append(item)
+            return
+        self.credits -= 1
+        self._sent += self.sink.send_item(item)
+
+    async def _drain_backlog(self) -> None:
+        while self._backlog:
+            await self._wait_credit()
+            self.add_credit(0)
 
     async def _wait_credit(self) -> None:
         while self.credits <= 0:
@@ -144,6 +199,19 @@ class HandlerStream:
                 await self._credit_waiter
             finally:
                 self._credit_waiter = None
+
+
+class _Nothing:
+    """An empty async iterator: a push handler's stream has no items left to pull."""
+
+    def __aiter__(self) -> _Nothing:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+
+_NOTHING = _Nothing()
 
 
 class Dispatcher:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from armature.engine.api import (
     EngineFinishReason,
@@ -12,6 +13,7 @@ from armature.engine.api import (
     GenerateOutput,
     GenerateRequest,
     InvalidRequestError,
+    PushEngine,
     SamplingParams,
 )
 from armature.engine.disagg.scheduler import is_transfer_error
@@ -133,16 +135,7 @@ class DecodeWorkerHandler(BaseWorkerHandler):
         await self.wait_ready()
         if self.shutdown_event.is_set():
             raise EngineShutdown("worker is shutting down")
-        rid = f"{context.id()}-{new_span_id()[:8]}"
-        try:
-            if self.require_bootstrap and request.bootstrap_info is None:
-                raise InvalidRequestError(
-                    "this is a disaggregated decode worker: the request needs bootstrap_info from a prefill worker"
-                )
-            greq = to_generate_request(request, rid, self.engine.info)
-            greq.sampling.validate()
-        except InvalidRequestError as exc:
-            raise RequestPlaneError(ErrorKind.INVALID_REQUEST, str(exc), migratable=False) from exc
+        rid, greq = self._admit(request, context)
         finished = False
         async with self.cancellation_monitor(rid, context) as cancel:
             try:
@@ -173,3 +166,71 @@ class DecodeWorkerHandler(BaseWorkerHandler):
                 if not finished:
                     # Killed, or the caller went away: free the request's pages now.
                     await self.engine.abort(rid)
+
+    def _admit(self, request: PreprocessedRequest, context: Context) -> tuple[str, GenerateRequest]:
+        rid = f"{context.id()}-{new_span_id()[:8]}"
+        try:
+            if self.require_bootstrap and request.bootstrap_info is None:
+                raise InvalidRequestError(
+                    "this is a disaggregated decode worker: the request needs bootstrap_info from a prefill worker"
+                )
+            greq = to_generate_request(request, rid, self.engine.info)
+            greq.sampling.validate()
+        except InvalidRequestError as exc:
+            raise RequestPlaneError(ErrorKind.INVALID_REQUEST, str(exc), migratable=False) from exc
+        return rid, greq
+
+    @property
+    def can_push(self) -> bool:
+        return isinstance(self.engine, PushEngine)
+
+    async def generate_push(
+        self, request: PreprocessedRequest, context: Context, emit: Callable[[LLMEngineOutput], None]
+    ) -> None:
+        """``generate`` by pushing: each engine output is converted and sent from the engine's
+        output callback, with no task wake-up per token (the request plane's ``PushHandler``)."""
+        engine = self.engine
+        if not isinstance(engine, PushEngine):
+            async for item in self.generate(request, context):
+                emit(item)
+            return
+        await self.wait_ready()
+        if self.shutdown_event.is_set():
+            raise EngineShutdown("worker is shutting down")
+        rid, greq = self._admit(request, context)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        finished = False
+        async with self.cancellation_monitor(rid, context) as cancel:
+
+            def on_output(out: GenerateOutput) -> None:
+                nonlocal finished
+                if done.done():
+                    return
+                try:
+                    finished = out.finished
+                    if cancel.shutdown and out.finish_reason is EngineFinishReason.ABORT:
+                        # Cut short by shutdown, not by the caller: let the frontend migrate it.
+                        raise EngineShutdown("engine was shut down during token generation")
+                    if context.is_killed():
+                        done.set_result(None)
+                        return
+                    if out.finish_reason is EngineFinishReason.ERROR and is_transfer_error(out.error):
+                        raise RequestPlaneError(ErrorKind.HANDLER_ERROR, out.error or "", migratable=True)
+                    if not out.token_ids and not finished and out.input_logprobs is None:
+                        return
+                    emit(to_engine_output(out, request))
+                    if finished:
+                        done.set_result(None)
+                except BaseException as exc:  # noqa: BLE001 - ends this stream with it, as the generator would
+                    done.set_exception(exc)
+
+            try:
+                engine.generate_push(greq, on_output)
+                await done
+            except InvalidRequestError as exc:
+                finished = True
+                raise RequestPlaneError(ErrorKind.INVALID_REQUEST, str(exc), migratable=False) from exc
+            finally:
+                if not finished:
+                    # Killed, or the caller went away: free the request's pages now.
+                    await engine.abort(rid)
