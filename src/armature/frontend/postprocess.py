@@ -42,7 +42,7 @@ _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 class ChoicePostprocessor:
     __slots__ = (
-        "_detok", "_jail", "_min_tokens", "_hidden", "_want_logprobs", "_pending_lp",
+        "_detok", "_jail", "_jailing", "_min_tokens", "_hidden", "_want_logprobs", "_pending_lp",
         "completion_tokens", "cached_tokens", "finish_reason", "prompt_logprobs",
         "prompt_top_logprobs", "text_parts",
     )  # fmt: skip
@@ -60,6 +60,7 @@ class ChoicePostprocessor:
     ) -> None:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self._jail = StopStringJail(stop)
+        self._jailing = self._jail.active  # stop strings never change: not a property call per token
         self._min_tokens = min_tokens
         self._hidden = hidden_stop_ids
         self._want_logprobs = want_logprobs
@@ -102,7 +103,7 @@ class ChoicePostprocessor:
             text = self._detok.step(tid)
             if not text:
                 continue
-            if self._jail.active and self.completion_tokens >= self._min_tokens:
+            if self._jailing and self.completion_tokens >= self._min_tokens:
                 res = self._jail.push(text)
                 if res.text:
                     pieces.append(res.text)
