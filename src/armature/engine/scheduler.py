@@ -578,7 +578,7 @@ class Scheduler:
             fill = len(r.input_ids) + n_out
             if fill - r.kv_len != 1 or (exclude and id(r) in exclude):
                 continue
-            if n_out >= r.sampling.max_new_tokens or fill >= ctx:
+            if n_out and (n_out >= r.sampling.max_new_tokens or fill >= ctx):
                 continue  # finished by length in the batch in flight (overlap schedule)
             reqs.append(r)
             grows.append(-(-fill // page) > len(r.pages))
