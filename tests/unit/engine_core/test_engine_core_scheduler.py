@@ -1,25 +1,42 @@
 """Bar 4: page accounting of the scheduler under any mix of finishing, aborting and retraction.
 
 The scheduler runs over the mocker's simulated executor (no delays): the scheduling, the radix
-cache and the page ownership are the real ones; only the forward pass is simulated.
+cache and the page ownership are the real ones; only the forward pass is simulated. With the
+overlap schedule, tokens are handed over one step late, as on a GPU.
 """
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from armature.engine.api import EngineFinishReason, GenerateRequest, SamplingParams
-from armature.engine.scheduler import ReqStatus, Scheduler, SchedulerConfig
+from armature.engine.scheduler import ReqStatus, ScheduledBatch, Scheduler, SchedulerConfig, SeqResult
 from armature.mocker.runner import SimulatedExecutor
 
 PAGE = 4
 PAGES = 24
 
 
-def make_scheduler(disable_cache: bool = False, mixed: bool = False) -> Scheduler:
-    ex = SimulatedExecutor(num_pages=PAGES, page_size=PAGE, vocab_size=50, speedup_ratio=0.0, seed=1)
+class DeferredSimulatedExecutor(SimulatedExecutor):
+    """The simulated forward with the overlap schedule's hand-over: a batch is launched, and its
+    tokens are collected only after the next batch has been scheduled and launched."""
+
+    def can_overlap(self, batch: ScheduledBatch) -> bool:
+        return True
+
+    def launch(self, batch: ScheduledBatch) -> list[SeqResult]:
+        return self.execute(batch)
+
+    def collect(self, launched: list[SeqResult]) -> list[SeqResult]:
+        return launched
+
+
+def make_scheduler(disable_cache: bool = False, mixed: bool = False, overlap: bool = False) -> Scheduler:
+    cls = DeferredSimulatedExecutor if overlap else SimulatedExecutor
+    ex = cls(num_pages=PAGES, page_size=PAGE, vocab_size=50, speedup_ratio=0.0, seed=1)
     cfg = SchedulerConfig(
         page_size=PAGE,
         context_length=64,
@@ -31,6 +48,7 @@ def make_scheduler(disable_cache: bool = False, mixed: bool = False) -> Schedule
         enable_mixed_chunk=mixed,
         disable_radix_cache=disable_cache,
         stream_interval=2,
+        overlap_schedule=overlap,
     )
     return Scheduler(cfg, ex)
 
@@ -45,9 +63,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.asked: dict[str, int] = {}
 
     @precondition(lambda self: not self.configured)
-    @rule(disable=st.booleans(), mixed=st.booleans())
-    def configure(self, disable: bool, mixed: bool) -> None:
-        self.s = make_scheduler(disable, mixed)
+    @rule(disable=st.booleans(), mixed=st.booleans(), overlap=st.booleans())
+    def configure(self, disable: bool, mixed: bool, overlap: bool) -> None:
+        self.s = make_scheduler(disable, mixed, overlap)
         self.configured = True
 
     def _take(self, outs: list) -> None:
@@ -116,8 +134,9 @@ TestSchedulerAccounting = SchedulerMachine.TestCase
 TestSchedulerAccounting.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 
 
-def test_retraction_happens_and_loses_nothing() -> None:
-    s = make_scheduler()
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_retraction_happens_and_loses_nothing(overlap: bool) -> None:
+    s = make_scheduler(overlap=overlap)
     for i in range(6):
         s.add_request(GenerateRequest(f"r{i}", [10 + i] * 12, SamplingParams(max_new_tokens=30)))
     got: dict[str, list[int]] = {}
