@@ -39,17 +39,10 @@ from armature.engine.api import (
     OutputCallback,
     SamplingParams,
 )
-from armature.engine.forward_batch import ForwardBatch
 from armature.engine.kv_events import KvEventPublisher
 from armature.engine.model_executor import ModelExecutor
 from armature.engine.sampler import Sampler
-from armature.engine.scheduler import (
-    PageAllocator,
-    ScheduledBatch,
-    Scheduler,
-    SchedulerConfig,
-    SeqResult,
-)
+from armature.engine.scheduler import Scheduler, SchedulerConfig
 from armature.engine.server_args import KvEventsConfig, ServerArgs
 
 if TYPE_CHECKING:
