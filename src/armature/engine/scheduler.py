@@ -422,10 +422,12 @@ class Scheduler:
         # We were too optimistic about how much room decodes need: admit more carefully again.
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
 
-    def _ensure_pages(self, n: int, keep: set[int]) -> bool:
-        """Make ``n`` pages allocatable, retracting the youngest running requests if needed."""
+    def _ensure_pages(self, n: int, keep: set[int], admitted_before: int) -> bool:
+        """Make ``n`` pages allocatable, retracting the youngest running requests if needed, but
+        only ones admitted after ``admitted_before``: two re-admitted requests would otherwise
+        retract each other's prefill in turn while older requests never get a decode step."""
         while self._available() < n:
-            victims = [r for r in self.running if id(r) not in keep]
+            victims = [r for r in self.running if id(r) not in keep and r.admit_seq > admitted_before]
             if not victims:
                 return False
             self._retract(max(victims, key=lambda r: r.admit_seq))
@@ -481,7 +483,7 @@ class Scheduler:
                 continue
             need = self._pages_for(r, r.kv_len + n)
             keep.add(id(r))
-            if not self._ensure_pages(need, keep):
+            if not self._ensure_pages(need, keep, r.admit_seq):
                 keep.discard(id(r))
                 continue
             r.pages.extend(self._alloc(need))
@@ -617,31 +619,8 @@ class Scheduler:
         results = self.executor.execute(batch)
         self.stats.steps += 1
         self.stats.peak_batch = max(self.stats.peak_batch, len(batch.seqs))
-        outputs: list[GenerateOutput] = []
-        for seq, res in zip(batch.seqs, results):
-            r = seq.req
-            if r.status is not ReqStatus.RUNNING:
-                continue
-            r.kv_len += seq.extend_len
-            if seq.prompt_logprobs and res.prompt_logprobs is not None:
-                self._store_prompt_logprobs(r, seq, res)
-            if batch.mode is ForwardMode.EXTEND and seq.extend_len > 1:
-                self._cache_computed(r)
-            if not seq.sample:
-                continue
-            if r.sampling.max_new_tokens == 0:
-                r.finish_reason = EngineFinishReason.LENGTH
-            else:
-                assert res.token_id is not None
-                self._append_token(r, res)
-            if r.finish_reason is not None:
-                self.running.remove(r)
-                self._release(r)
-                self.stats.finished += 1
-                outputs.append(self._finish(r))
-            elif len(r.output_ids) - r.sent >= self.config.stream_interval or not r.first_sent:
-                outputs.append(self._delta(r))
-        return outputs
+        # Booked after the forward, so the executor saw no placeholder; completed at once.
+        return self._complete(batch, results, self._book(batch, None))
 
     def _step_overlap(self) -> list[GenerateOutput]:
         started = time.perf_counter()
@@ -651,7 +630,7 @@ class Scheduler:
         batch = self._schedule()
         if batch is not None and prev is not None and not executor.can_overlap(batch):
             # This batch needs the host to know the previous tokens (penalties, logprobs).
-            outputs.extend(self._complete(prev))
+            outputs.extend(self._collect(prev))
             prev = None
             batch.seqs = [s for s in batch.seqs if s.req.status is ReqStatus.RUNNING]
         if batch is not None and batch.seqs:
@@ -661,10 +640,11 @@ class Scheduler:
             self.stats.steps += 1
             self.stats.peak_batch = max(self.stats.peak_batch, len(batch.seqs))
         if prev is not None:
-            outputs.extend(self._complete(prev))
+            outputs.extend(self._collect(prev))
         return outputs
 
     def _book(self, batch: ScheduledBatch, launched: object) -> list[_Booked]:
+        """Advance ``kv_len`` past the batch's tokens and hold a PLACEHOLDER for each sample."""
         booked: list[_Booked] = []
         row = 0
         for s in batch.seqs:
@@ -680,9 +660,12 @@ class Scheduler:
             booked.append(_Booked(s, idx, r.num_retractions))
         return booked
 
-    def _complete(self, inflight: tuple[ScheduledBatch, object, list[_Booked]]) -> list[GenerateOutput]:
+    def _collect(self, inflight: tuple[ScheduledBatch, object, list[_Booked]]) -> list[GenerateOutput]:
         batch, launched, booked = inflight
-        results = self.executor.collect(launched)  # type: ignore[attr-defined]
+        return self._complete(batch, self.executor.collect(launched), booked)  # type: ignore[attr-defined]
+
+    def _complete(self, batch: ScheduledBatch, results: list[SeqResult], booked: list[_Booked]) -> list[GenerateOutput]:
+        """Put each sampled token where its placeholder is, then finish or stream the request."""
         outputs: list[GenerateOutput] = []
         for b, res in zip(booked, results):
             seq, r = b.seq, b.seq.req
@@ -691,7 +674,7 @@ class Scheduler:
             if b.out_idx is not None:
                 assert res.token_id is not None
                 r.output_ids[b.out_idx] = res.token_id
-                if r.future is not None and r.future[0] is launched:
+                if not _unread(r):  # else it points at the launch after this one
                     r.future = None
             if seq.prompt_logprobs and res.prompt_logprobs is not None:
                 self._store_prompt_logprobs(r, seq, res)
@@ -707,8 +690,8 @@ class Scheduler:
                 # It may also sit in the batch launched after this one: drop that token.
                 if b.out_idx is not None:
                     del r.output_ids[b.out_idx + 1 :]
+                    r.kv_len = min(r.kv_len, r.fill_len - 1)
                 r.future = None
-                r.kv_len = min(r.kv_len, r.fill_len - 1)
                 self.running.remove(r)
                 self._release(r)
                 self.stats.finished += 1
