@@ -422,12 +422,10 @@ class Scheduler:
         # We were too optimistic about how much room decodes need: admit more carefully again.
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
 
-    def _ensure_pages(self, n: int, keep: set[int], admitted_before: int) -> bool:
-        """Make ``n`` pages allocatable, retracting the youngest running requests if needed, but
-        only ones admitted after ``admitted_before``: two re-admitted requests would otherwise
-        retract each other's prefill in turn while older requests never get a decode step."""
+    def _ensure_pages(self, n: int, keep: set[int]) -> bool:
+        """Make ``n`` pages allocatable, retracting the youngest running requests if needed."""
         while self._available() < n:
-            victims = [r for r in self.running if id(r) not in keep and r.admit_seq > admitted_before]
+            victims = [r for r in self.running if id(r) not in keep]
             if not victims:
                 return False
             self._retract(max(victims, key=lambda r: r.admit_seq))
@@ -483,7 +481,7 @@ class Scheduler:
                 continue
             need = self._pages_for(r, r.kv_len + n)
             keep.add(id(r))
-            if not self._ensure_pages(need, keep, r.admit_seq):
+            if not self._ensure_pages(need, keep):
                 keep.discard(id(r))
                 continue
             r.pages.extend(self._alloc(need))
