@@ -422,14 +422,31 @@ class Scheduler:
         # We were too optimistic about how much room decodes need: admit more carefully again.
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
 
-    def _ensure_pages(self, n: int, keep: set[int]) -> bool:
-        """Make ``n`` pages allocatable, retracting the youngest running requests if needed."""
-        while self._available() < n:
-            victims = [r for r in self.running if id(r) not in keep]
-            if not victims:
-                return False
-            self._retract(max(victims, key=lambda r: r.admit_seq))
-        return True
+    def _ensure_pages(self, n: int, keep: set[int], admitted_after: int) -> bool:
+        """Make ``n`` pages allocatable for a prefill chunk by retracting running requests admitted
+        after ``admitted_after``, youngest first; False, retracting nobody, if that cannot do it.
+
+        Never an older request: two re-admitted requests could otherwise retract each other's
+        prefill in turn while the older ones never got a decode step. And never in vain: a
+        request retracted for a chunk that still does not fit comes straight back and is
+        prefilled again, step after step, while the decodes that would free pages never run.
+        The chunk waits instead; the decode step retracts if it must.
+        """
+        if self._available() >= n:
+            return True
+        victims = sorted(
+            (r for r in self.running if id(r) not in keep and r.admit_seq > admitted_after),
+            key=lambda r: r.admit_seq,
+            reverse=True,
+        )
+        # What retracting them frees for certain: their private pages (cached ones may stay locked).
+        if self._available() + sum(len(r.pages) - r.cached_pages for r in victims) < n:
+            return False
+        for r in victims:
+            if self._available() >= n:
+                break
+            self._retract(r)
+        return self._available() >= n
 
     def _reserve_pages(self, reqs: Sequence[Req]) -> int:
         tokens = 0.0
@@ -481,7 +498,7 @@ class Scheduler:
                 continue
             need = self._pages_for(r, r.kv_len + n)
             keep.add(id(r))
-            if not self._ensure_pages(need, keep):
+            if not self._ensure_pages(need, keep, r.admit_seq):
                 keep.discard(id(r))
                 continue
             r.pages.extend(self._alloc(need))

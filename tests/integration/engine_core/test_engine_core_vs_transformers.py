@@ -51,14 +51,16 @@ def test_greedy_batch_chunked_and_cached(arch: str, no_overlap: bool | None, req
 @OVERLAP
 def test_sixteen_in_one_batch_and_tiny_pool_retracts(tiny_llama_path: Path, no_overlap: bool | None) -> None:
     prompts = varied_prompts(16, seed=3)
-    want = transformers_greedy(tiny_llama_path, prompts, MAX_NEW)
-    # 80 pages of 4 tokens: the longest prompt fits alone, the 16 together do not.
+    # 80 pages of 4 tokens: the longest prompt fits alone, the 16 together do not, and 20 new
+    # tokens each outgrow what admission reserved for the decodes.
+    max_new = 20
+    want = transformers_greedy(tiny_llama_path, prompts, max_new)
     eng = Engine(
         model_path=str(tiny_llama_path), max_total_tokens=320, page_size=4, chunked_prefill_size=128,
         disable_overlap_schedule=no_overlap,
     )
     try:
-        got = eng.generate(input_ids=prompts, sampling_params=GREEDY)
+        got = eng.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": max_new})
         assert [g["output_ids"] for g in got] == want
         assert eng.load_metrics().num_retractions > 0
         eng.run_in_loop(eng.scheduler.check_accounting).result()

@@ -147,3 +147,27 @@ def test_retraction_happens_and_loses_nothing(overlap: bool) -> None:
             break
     assert s.stats.retractions > 0
     assert {k: len(v) for k, v in got.items()} == {f"r{i}": 30 for i in range(6)}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_chunked_prefill_never_retracts_an_older_request(overlap: bool) -> None:
+    # 24 pages: the decoding request holds 11 and grows to 15, the long prompt needs 16, so one
+    # must give way. The younger one does; the older one runs to the end without being recomputed.
+    s = make_scheduler(disable_cache=True, overlap=overlap)
+    old = s.add_request(GenerateRequest("old", [7] * 40, SamplingParams(max_new_tokens=20)))
+    got: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for o in s.step():
+            got.setdefault(o.rid, []).extend(o.token_ids)
+
+    for _ in range(8):
+        step()
+    s.add_request(GenerateRequest("young", [1 + i % 40 for i in range(60)], SamplingParams(max_new_tokens=2)))
+    for _ in range(500):
+        step()
+        if not s.has_work:
+            break
+    assert old.num_retractions == 0
+    assert {k: len(v) for k, v in got.items()} == {"old": 20, "young": 2}
+    s.check_accounting()
