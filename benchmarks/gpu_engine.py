@@ -797,7 +797,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama3-8b,qwen3-0.6b")
     ap.add_argument("--sections", default=",".join(SECTIONS))
-    ap.add_argument("--conditioning", default="30:6",
+    ap.add_argument("--conditioning", default="60:7",
                     help="embed_scale:margin[,...] for the 'conditioned' correctness check (see condition_weights)")
     ap.add_argument("--skip-hf-throughput", action="store_true", help="leave out transformers' throughput runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_engine.json"))
