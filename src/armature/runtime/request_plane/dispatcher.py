@@ -127,11 +127,8 @@ class HandlerStream:
                 try:
                     await served.push(request, self.context, self._emit)
                     await self._drain_backlog()
-                except FrameTooLarge as e:
-                    sink.send_error(ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}", False)
-                    return
-                except (TypeError, msgspec.EncodeError) as e:
-                    sink.send_error(ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}", False)
+                except _UNSENDABLE as e:
+                    _send_unsendable(sink, e)
                     return
                 agen = None
             else:
@@ -142,11 +139,8 @@ class HandlerStream:
                 self.credits -= 1
                 try:
                     sent += sink.send_item(item)
-                except FrameTooLarge as e:
-                    sink.send_error(ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}", False)
-                    return
-                except (TypeError, msgspec.EncodeError) as e:
-                    sink.send_error(ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}", False)
+                except _UNSENDABLE as e:
+                    _send_unsendable(sink, e)
                     return
                 if sink.congested():
                     await sink.wait_writable()
@@ -212,6 +206,16 @@ class _Nothing:
 
 
 _NOTHING = _Nothing()
+
+# What a response item that cannot go on the wire raises: the stream ends with an error frame.
+_UNSENDABLE = (FrameTooLarge, TypeError, msgspec.EncodeError)
+
+
+def _send_unsendable(sink: StreamSink, e: Exception) -> None:
+    if isinstance(e, FrameTooLarge):
+        sink.send_error(ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}", False)
+    else:
+        sink.send_error(ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}", False)
 
 
 class Dispatcher:
