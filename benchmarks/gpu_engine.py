@@ -295,12 +295,16 @@ def first_step_logits(eng: Any, prompt: list[int]) -> torch.Tensor:
 CORRECTNESS_LENS = [24, 57, 100, 213]  # 4 groups of equal length: transformers runs each unpadded
 
 
+def correctness_prompts(cfg: Any, n: int = 32) -> list[list[int]]:
+    return random_prompts(n, CORRECTNESS_LENS, cfg.vocab_size, seed=11)
+
+
 def correctness(
     eng: Any, model: Any, cfg: Any, n_prompts: int = 32, new_tokens: int = 32,
     ref_out: dict[int, list[int]] | None = None,
 ) -> dict[str, Any]:
     lens = CORRECTNESS_LENS
-    prompts = random_prompts(n_prompts, lens, cfg.vocab_size, seed=11)
+    prompts = correctness_prompts(cfg, n_prompts)
     ours, _ = run_requests(eng, prompts, [new_tokens] * n_prompts, "ok")
     ref: dict[int, list[int]] = {}
     with torch.inference_mode():
@@ -531,7 +535,7 @@ def noise_floor(model: Any, cfg: Any, n_prompts: int = 32, new_tokens: int = 32)
     """transformers against itself: its eager attention vs its SDPA attention on the same weights.
     How far two correct bf16 implementations drift apart on these weights."""
     lens = CORRECTNESS_LENS
-    prompts = random_prompts(n_prompts, lens, cfg.vocab_size, seed=11)
+    prompts = correctness_prompts(cfg, n_prompts)
     outs: dict[str, dict[int, list[int]]] = {}
     logits: dict[str, list[torch.Tensor]] = {}
     for impl in ("sdpa", "eager"):
@@ -600,13 +604,14 @@ def condition_weights(model: Any, cfg: Any, c: Conditioning, seed: int = 7) -> t
         for p in prompts:
             ids = torch.tensor([p], device=DEVICE)
             hidden = model.model(ids).last_hidden_state[0, -1].float()
-            unit = emb[p[-1]].float() / emb[p[-1]].float().norm()
-            along.append(float(hidden @ unit))
-            spread.append(float((head.float() @ hidden).std()))
+            last = emb[p[-1]].float()
+            along.append(float(hidden @ last / last.norm()))
+            spread.append(float((head @ hidden.to(head.dtype)).float().std()))
         beta = c.margin * statistics.mean(spread) / statistics.mean(along)
         g = torch.Generator(device=DEVICE).manual_seed(seed)
         perm = torch.randperm(cfg.vocab_size, generator=g, device=DEVICE)
-        units = emb.float() / emb.float().norm(dim=1, keepdim=True)
+        units = emb.float()
+        units /= units.norm(dim=1, keepdim=True)
         head[perm] += (beta * units).to(head.dtype)
         del units
     stats = {"embed_scale": c.embed_scale, "margin_sigmas": c.margin, "planted_row_norm": round(beta, 3)}
@@ -616,7 +621,7 @@ def condition_weights(model: Any, cfg: Any, c: Conditioning, seed: int = 7) -> t
 def layer_share(model: Any, cfg: Any) -> float:
     """min over prompts of ||logits - logits of the embedding alone|| / ||logits||: how much of
     the logits the 32 (or 28) layers decide, so what a logits error bound actually checks."""
-    prompts = random_prompts(8, CORRECTNESS_LENS, cfg.vocab_size, seed=11)
+    prompts = correctness_prompts(cfg, 8)
     shares = []
     with torch.inference_mode():
         for p in prompts:
@@ -639,7 +644,7 @@ def conditioned_check(shape: str, c: Conditioning) -> dict[str, Any]:
             res["correctness"] = correctness(eng, model, cfg, ref_out=ref)
         finally:
             eng.shutdown()
-    prompts = random_prompts(32, CORRECTNESS_LENS, cfg.vocab_size, seed=11)
+    prompts = correctness_prompts(cfg)
     pairs = [(([p[-1]] + ref[i])[k], ref[i][k]) for i, p in enumerate(prompts) for k in range(len(ref[i]))]
     succ = perm.cpu()
     res["successor_share"] = round(sum(int(succ[a]) == b for a, b in pairs) / len(pairs), 3)
