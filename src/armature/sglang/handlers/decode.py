@@ -142,19 +142,10 @@ class DecodeWorkerHandler(BaseWorkerHandler):
                 async with contextlib.aclosing(self.engine.generate_stream(greq)) as stream:
                     async for out in stream:
                         finished = out.finished
-                        if cancel.shutdown and out.finish_reason is EngineFinishReason.ABORT:
-                            # Cut short by shutdown, not by the caller: let the frontend migrate it.
-                            raise EngineShutdown("engine was shut down during token generation")
-                        if context.is_killed():
-                            return
-                        if out.finish_reason is EngineFinishReason.ERROR and is_transfer_error(out.error):
-                            # The prefill worker (or the way to it) failed before any token: the
-                            # frontend may run the request again with another prefill worker.
-                            raise RequestPlaneError(ErrorKind.HANDLER_ERROR, out.error or "", migratable=True)
-                        if not out.token_ids and not out.finished and out.input_logprobs is None:
-                            continue
-                        yield to_engine_output(out, request)
-                        if finished:
+                        stop, item = _item_for(out, request, context, cancel.shutdown)
+                        if item is not None:
+                            yield item
+                        if stop:
                             return
                 # The engine ended the stream without a finish reason: it is going away, so the
                 # caller should continue the request elsewhere rather than see a silent cut.
@@ -208,18 +199,10 @@ class DecodeWorkerHandler(BaseWorkerHandler):
                     return
                 try:
                     finished = out.finished
-                    if cancel.shutdown and out.finish_reason is EngineFinishReason.ABORT:
-                        # Cut short by shutdown, not by the caller: let the frontend migrate it.
-                        raise EngineShutdown("engine was shut down during token generation")
-                    if context.is_killed():
-                        done.set_result(None)
-                        return
-                    if out.finish_reason is EngineFinishReason.ERROR and is_transfer_error(out.error):
-                        raise RequestPlaneError(ErrorKind.HANDLER_ERROR, out.error or "", migratable=True)
-                    if not out.token_ids and not finished and out.input_logprobs is None:
-                        return
-                    emit(to_engine_output(out, request))
-                    if finished:
+                    stop, item = _item_for(out, request, context, cancel.shutdown)
+                    if item is not None:
+                        emit(item)
+                    if stop:
                         done.set_result(None)
                 except BaseException as exc:  # noqa: BLE001 - ends this stream with it, as the generator would
                     done.set_exception(exc)
@@ -234,3 +217,22 @@ class DecodeWorkerHandler(BaseWorkerHandler):
                 if not finished:
                     # Killed, or the caller went away: free the request's pages now.
                     await engine.abort(rid)
+
+
+def _item_for(
+    out: GenerateOutput, request: PreprocessedRequest, context: Context, shutting_down: bool
+) -> tuple[bool, LLMEngineOutput | None]:
+    """For one engine output: whether the stream ends with it, and the item to send (None: none).
+    Raises what ends the stream with an error."""
+    if shutting_down and out.finish_reason is EngineFinishReason.ABORT:
+        # Cut short by shutdown, not by the caller: let the frontend migrate it.
+        raise EngineShutdown("engine was shut down during token generation")
+    if context.is_killed():
+        return True, None
+    if out.finish_reason is EngineFinishReason.ERROR and is_transfer_error(out.error):
+        # The prefill worker (or the way to it) failed before any token: the frontend may run
+        # the request again with another prefill worker.
+        raise RequestPlaneError(ErrorKind.HANDLER_ERROR, out.error or "", migratable=True)
+    if not out.token_ids and not out.finished and out.input_logprobs is None:
+        return False, None
+    return out.finished, to_engine_output(out, request)
