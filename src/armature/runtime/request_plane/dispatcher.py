@@ -78,11 +78,8 @@ class HandlerStream:
             self.credits -= 1
             try:
                 self._sent += self.sink.send_item(backlog.popleft())
-            except FrameTooLarge as e:
-                self._fail(ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}")
-                return
-            except (TypeError, msgspec.EncodeError) as e:
-                self._fail(ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}")
+            except _UNSENDABLE as e:
+                self._fail(*_unsendable_error(e))
                 return
         waiter = self._credit_waiter
         if waiter is not None and not waiter.done():
@@ -128,7 +125,7 @@ class HandlerStream:
                     await served.push(request, self.context, self._emit)
                     await self._drain_backlog()
                 except _UNSENDABLE as e:
-                    _send_unsendable(sink, e)
+                    sink.send_error(*_unsendable_error(e), False)
                     return
                 agen = None
             else:
@@ -140,7 +137,7 @@ class HandlerStream:
                 try:
                     sent += sink.send_item(item)
                 except _UNSENDABLE as e:
-                    _send_unsendable(sink, e)
+                    sink.send_error(*_unsendable_error(e), False)
                     return
                 if sink.congested():
                     await sink.wait_writable()
@@ -211,11 +208,11 @@ _NOTHING = _Nothing()
 _UNSENDABLE = (FrameTooLarge, TypeError, msgspec.EncodeError)
 
 
-def _send_unsendable(sink: StreamSink, e: Exception) -> None:
+def _unsendable_error(e: Exception) -> tuple[str, str]:
+    """The error kind and message that end a stream whose item raised ``e`` on its way out."""
     if isinstance(e, FrameTooLarge):
-        sink.send_error(ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}", False)
-    else:
-        sink.send_error(ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}", False)
+        return ErrorKind.MESSAGE_TOO_LARGE, f"response item: {e}"
+    return ErrorKind.HANDLER_ERROR, f"response item cannot be encoded: {e}"
 
 
 class Dispatcher:
