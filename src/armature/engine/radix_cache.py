@@ -57,6 +57,9 @@ class InsertResult:
 
 
 class RadixCache:
+    # Stale eviction entries tolerated beyond twice the node count before a rebuild.
+    lru_slack = 1024
+
     def __init__(
         self,
         page_size: int,
@@ -76,6 +79,11 @@ class RadixCache:
         self.root.lock_ref = 1  # the root is never evicted
         self._num_nodes = 0
         self._protected = 0  # nodes with lock_ref > 0 (the root excluded)
+        # Eviction candidates, least recently used first, kept as the tree changes so that an
+        # eviction in a full pool costs O(pages freed · log n), not a walk of the whole tree.
+        # Entries go stale (touched since, locked, grown children, evicted) and are skipped when
+        # popped; every unlocked leaf has at least one entry with its current access time.
+        self._lru: list[tuple[int, int, RadixNode]] = []
 
     # --- sizes -----------------------------------------------------------------------------
 
@@ -113,6 +121,7 @@ class RadixCache:
             child.last_access = now
             pages.append(child.page)
             node = child
+        self._offer(node)
         return PrefixMatch(pages=pages, node=node)
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> InsertResult:
@@ -147,6 +156,7 @@ class RadixCache:
         if new_nodes:
             assert new_parent is not None
             self._hash_and_publish(new_parent, new_nodes)
+        self._offer(node)
         return InsertResult(pages=out, duplicates=dups, node=node)
 
     def _hash_and_publish(self, parent: RadixNode, nodes: list[RadixNode]) -> None:
@@ -183,11 +193,21 @@ class RadixCache:
             n.lock_ref -= 1
             if n.lock_ref == 0:
                 self._protected -= 1
+                self._offer(n)
             n = n.parent
 
     # --- eviction --------------------------------------------------------------------------
 
-    def _evictable_leaves(self) -> list[tuple[int, int, RadixNode]]:
+    def _offer(self, node: RadixNode) -> None:
+        """``node`` may have just become an unlocked leaf, or been touched while one."""
+        if node.children or node.lock_ref or node.is_root:
+            return
+        heapq.heappush(self._lru, (node.last_access, id(node), node))
+        if len(self._lru) > 2 * self._num_nodes + self.lru_slack:
+            self._rebuild_lru()
+
+    def _rebuild_lru(self) -> None:
+        """Drop the stale entries: one walk, amortised over the pushes that made them."""
         heap: list[tuple[int, int, RadixNode]] = []
         stack = list(self.root.children.values())
         while stack:
@@ -197,17 +217,32 @@ class RadixCache:
             elif n.lock_ref == 0:
                 heap.append((n.last_access, id(n), n))
         heapq.heapify(heap)
-        return heap
+        self._lru = heap
+
+    @staticmethod
+    def _current(entry: tuple[int, int, RadixNode]) -> bool:
+        stamp, _, n = entry
+        parent = n.parent
+        return (
+            stamp == n.last_access
+            and not n.children
+            and n.lock_ref == 0
+            and parent is not None
+            and parent.children.get(n.key) is n  # not evicted (nor replaced by a re-insert)
+        )
 
     def evict(self, num_pages: int) -> int:
         """Free up to ``num_pages`` unlocked pages, least recently used leaves first."""
         if num_pages <= 0:
             return 0
-        heap = self._evictable_leaves()
         freed: list[int] = []
         hashes: list[int] = []
-        while heap and len(freed) < num_pages:
-            _, _, leaf = heapq.heappop(heap)
+        # self._lru, not a local: an offer below may rebuild it.
+        while self._lru and len(freed) < num_pages:
+            entry = heapq.heappop(self._lru)
+            if not self._current(entry):
+                continue
+            leaf = entry[2]
             parent = leaf.parent
             assert parent is not None
             del parent.children[leaf.key]
@@ -215,8 +250,7 @@ class RadixCache:
             freed.append(leaf.page)
             if leaf.block_hash is not None:
                 hashes.append(leaf.block_hash)
-            if not parent.is_root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+            self._offer(parent)
         if freed:
             self._free_pages(freed)
             if self._on_event is not None:
@@ -234,6 +268,7 @@ class RadixCache:
             pages.append(n.page)
             stack.extend(n.children.values())
         self.root.children.clear()
+        self._lru.clear()
         self._num_nodes = 0
         if pages:
             self._free_pages(pages)

@@ -161,6 +161,35 @@ TestRadixCacheModel = CacheMachine.TestCase
 TestRadixCacheModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
+class RebuildingCacheMachine(CacheMachine):
+    """The same, with the eviction queue rebuilt whenever it holds any stale entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache.lru_slack = 0
+
+
+TestRadixCacheModelRebuilding = RebuildingCacheMachine.TestCase
+TestRadixCacheModelRebuilding.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+def test_eviction_in_a_full_cache_follows_lru_order_after_many_touches() -> None:
+    freed: list[int] = []
+    cache = RadixCache(1, freed.extend)
+    for page in range(300):  # 300 one-page leaves under the root
+        cache.insert([page], [page])
+    order = list(range(300))
+    for i in range(5000):  # far more touches than the queue keeps before a rebuild
+        page = (i * 7919) % 300
+        cache.match_prefix([page])
+        order.remove(page)
+        order.append(page)
+    for want in order[:250]:
+        assert cache.evict(1) == 1
+        assert freed[-1] == want
+    assert cache.total_pages == 50
+
+
 def test_stored_event_chains_from_the_cached_parent() -> None:
     free: list[int] = []
     events: list = []
