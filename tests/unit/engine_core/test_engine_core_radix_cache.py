@@ -162,7 +162,7 @@ TestRadixCacheModel.settings = settings(max_examples=150, stateful_step_count=40
 
 
 class RebuildingCacheMachine(CacheMachine):
-    """The same, with the eviction queue rebuilt whenever it holds any stale entry."""
+    """The same, with the eviction queue rebuilt as soon as it outgrows twice the node count."""
 
     def __init__(self) -> None:
         super().__init__()
