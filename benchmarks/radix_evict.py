@@ -13,43 +13,23 @@ SGLang's ``RadixCache.evict`` still collects its leaves).
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import platform
 import random
 import time
 from pathlib import Path
 
-from armature.engine.radix_cache import RadixCache, RadixNode
+from armature.engine.radix_cache import RadixCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class WalkingRadixCache(RadixCache):
-    """The baseline: each eviction walks the tree for its unlocked leaves."""
+    """The baseline: each eviction first walks the tree for its unlocked leaves into a new heap."""
 
     def evict(self, num_pages: int) -> int:
-        heap: list[tuple[int, int, RadixNode]] = []
-        stack = list(self.root.children.values())
-        while stack:
-            n = stack.pop()
-            if n.children:
-                stack.extend(n.children.values())
-            elif n.lock_ref == 0:
-                heap.append((n.last_access, id(n), n))
-        heapq.heapify(heap)
-        freed: list[int] = []
-        while heap and len(freed) < num_pages:
-            _, _, leaf = heapq.heappop(heap)
-            parent = leaf.parent
-            assert parent is not None
-            del parent.children[leaf.key]
-            self._num_nodes -= 1
-            freed.append(leaf.page)
-            if not parent.is_root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
-        self._free_pages(freed)
-        return len(freed)
+        self._rebuild_lru()
+        return super().evict(num_pages)
 
 
 def run(cls: type[RadixCache], args: argparse.Namespace) -> dict[str, float]:
