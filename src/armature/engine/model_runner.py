@@ -131,6 +131,8 @@ class ModelRunner:
             from armature.engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, cuda_graph_max_bs or _DEFAULT_CUDA_GRAPH_MAX_BS)
+        if self.device.type == "cuda" and self.attn_backend.uses_page_table:
+            self._warm_prefill()
         log.info(
             "loaded %s (%s, %d layers) on %s %s in %.1fs; KV pool %d pages x %d tokens",
             self.model_path,
@@ -142,6 +144,24 @@ class ModelRunner:
             self.kv_pool.total_pages,
             page_size,
         )
+
+    def _warm_prefill(self) -> None:
+        """Compile the prefill path's Triton kernels now, not during the first request (the
+        decode kernels compile when the graphs are captured). Writes only the scratch page."""
+        slot = self.kv_pool.scratch_page * self.page_size
+        batch = ForwardBatch(
+            mode=ForwardMode.EXTEND,
+            input_ids=torch.zeros(2, dtype=torch.int64),
+            positions=torch.arange(2),
+            out_cache_loc=torch.tensor([slot, slot + 1]),
+            extend_lens=[2],
+            prefix_lens=[0],
+            kv_indices=[],
+            return_all_logits=[False],
+            page_table=[[self.kv_pool.scratch_page]],
+        )
+        self.forward(batch)
+        torch.cuda.synchronize(self.device)
 
     def _make_backend(self, name: str) -> AttentionBackend:
         cfg = self.model_config

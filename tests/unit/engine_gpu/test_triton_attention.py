@@ -111,3 +111,25 @@ def test_extend_over_a_cached_prefix_matches_reference() -> None:
         q_pos = torch.arange(p, p + n, device=DEVICE)
         ref = _reference(q[rows[i] : rows[i] + n], k_buf[slots], v_buf[slots], q_pos, d**-0.5)
         assert _rel(out[rows[i] : rows[i] + n], ref) < TOL, i
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="counts CUDA compiles; the interpreter compiles nothing")
+def test_extend_compiles_once_whatever_the_batch_shape() -> None:
+    # A compile is a 0.5-1 s stall of the engine: batch shapes met while serving must not cause one.
+    g = torch.Generator().manual_seed(5)
+    page, heads, kv_heads, d = 16, 8, 2, 64
+    k, v = _pool(64, page, kv_heads, d, g)
+    compiled = kernels._extend_kernel.device_caches[torch.cuda.current_device()][0]
+    counts = []
+    for nseq in (1, 2, 3, 5):
+        for width in (1, 2, 16, 17):  # page-table widths: 1, a multiple of 16, neither
+            ext = [5] * nseq
+            table = (torch.arange(nseq * width, dtype=torch.int32) % 64).view(nseq, width).to(DEVICE)
+            meta = torch.tensor([list(range(nseq)), [0] * nseq], dtype=torch.int32, device=DEVICE)
+            seqs = torch.tensor([[width * page - 5] * nseq, ext, [5 * i for i in range(nseq)]], dtype=torch.int32,
+                                device=DEVICE)  # fmt: skip
+            q = torch.randn(sum(ext), heads, d, generator=g).to(DEVICE, DTYPE)
+            out = torch.empty_like(q)
+            kernels.extend_attention(q, k, v, out, table, meta[0], meta[1], seqs[0], seqs[1], seqs[2], page, d**-0.5, 64)
+            counts.append(len(compiled))
+    assert counts[-1] == counts[0]

@@ -22,7 +22,15 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Triton compiles a kernel once per specialisation of its arguments: each integer's "is 1 / is a
+# multiple of 16" and each pointer's 16-byte alignment. The page-table width and the offsets of
+# the per-batch metadata rows change from batch to batch, so left specialised they made a fresh
+# compile (0.5-1 s, the engine stalled) at random points of serving. These are never specialised:
+# one compile per kernel, done at start-up.
+_PER_BATCH_INTS = ["stride_pt"]
+
+
+@triton.jit(do_not_specialize=_PER_BATCH_INTS, do_not_specialize_on_alignment=["PageTable", "SeqLens"])
 def _decode_split_kernel(
     Q,
     K,
@@ -131,7 +139,10 @@ def _decode_merge_kernel(
     tl.store(Out + b * stride_xb + h * stride_xh + offs_d, out.to(Out.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=_PER_BATCH_INTS,
+    do_not_specialize_on_alignment=["PageTable", "BlockSeq", "BlockStart", "SeqPrefix", "SeqExtend", "SeqRow"],
+)
 def _extend_kernel(
     Q,
     K,
