@@ -148,13 +148,12 @@ class ModelRunner:
     def _warm_prefill(self) -> None:
         """Compile the prefill path's Triton kernels now, not during the first request (the
         decode kernels compile when the graphs are captured). Writes only the scratch page."""
-        slot = self.kv_pool.scratch_page * self.page_size
         batch = ForwardBatch(
             mode=ForwardMode.EXTEND,
-            input_ids=torch.zeros(2, dtype=torch.int64),
-            positions=torch.arange(2),
-            out_cache_loc=torch.tensor([slot, slot + 1]),
-            extend_lens=[2],
+            input_ids=torch.zeros(1, dtype=torch.int64),
+            positions=torch.zeros(1, dtype=torch.int64),
+            out_cache_loc=torch.tensor([self.kv_pool.scratch_page * self.page_size]),
+            extend_lens=[1],
             prefix_lens=[0],
             kv_indices=[],
             return_all_logits=[False],
