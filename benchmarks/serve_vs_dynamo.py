@@ -319,7 +319,7 @@ class System:
     def __init__(self, name: str, frontend: list[str], mocker: list[str], env: dict[str, str], port: int, logdir: Path):
         self.name = name
         self.port = port
-        self._cmds = {"frontend": frontend, "mocker": mocker}
+        self._cmds = {"frontend": frontend, "mocker": mocker} if mocker else {"frontend": frontend}
         self._env = env
         self._logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -422,6 +422,38 @@ def dynamo_system(venv: Path, model_dir: Path, speedup: float, tmp: Path) -> Sys
     return System("dynamo", frontend, mocker, loopback_env("DYN_FILE_KV", kv), port, tmp)
 
 
+def floor_systems(python: str, tmp: Path, prompt_tokens: int, speedup: float) -> list[System]:
+    """``serving_floor.py`` in one process and in two (frontend + worker over loopback TCP)."""
+    script = str(Path(__file__).resolve().parent / "serving_floor.py")
+    timing = ["--model", MODEL_NAME, "--prompt-tokens", str(prompt_tokens), "--speedup", str(speedup)]
+    env = dict(os.environ)
+    one_port, two_port, worker_port = free_port(), free_port(), free_port()
+    one = System("floor-1p", [python, script, "frontend", "--port", str(one_port), *timing], [], env, one_port, tmp)
+    two = System(
+        "floor-2p",
+        [python, script, "frontend", "--port", str(two_port), "--worker-port", str(worker_port), *timing],
+        [python, script, "worker", "--port", str(worker_port), *timing],
+        env,
+        two_port,
+        tmp,
+    )
+    return [one, two]
+
+
+async def prompt_token_ids(model_dir: Path, max_tokens: int) -> list[int]:
+    """The benchmark's chat prompt through the frontend's own template and tokenizer."""
+    from armature.frontend.openai import chat_request_decoder
+    from armature.frontend.preprocess import Preprocessor
+    from armature.frontend.tokenizer import ModelTokenizer
+    from armature.protocols.model_card import ModelCard
+
+    tok = ModelTokenizer.from_dir(model_dir)
+    card = ModelCard(name=MODEL_NAME, model_types=[], tokenizer_path=str(model_dir), context_length=8192,
+                     kv_cache_block_size=64)  # fmt: skip
+    body = chat_request("127.0.0.1", 0, MODEL_NAME, max_tokens).split(b"\r\n\r\n", 1)[1]
+    return list((await Preprocessor(card, tok).chat(chat_request_decoder.decode(body))).choices[0].prompt.token_ids)
+
+
 # --- reporting ----------------------------------------------------------------------------------
 
 
@@ -461,7 +493,7 @@ def print_table(summary: dict[int, dict[str, dict[str, float]]]) -> dict[str, fl
             print(
                 f"{c:>4} {s:<9} {int(m['ok']):>3}/{int(m['requests']):<3} {m['req_per_s']:>8.1f} "
                 f"{m['ttft_mean_ms']:>8.2f} {m['ttft_p99_ms']:>7.2f} {m['itl_mean_ms']:>7.2f} {m['tokens_per_request']:>7.1f}"
-                f" {m['cpu_ms_per_request_frontend']:>20.2f} {m['cpu_ms_per_request_mocker']:>6.2f}"
+                f" {m['cpu_ms_per_request_frontend']:>20.2f} {m.get('cpu_ms_per_request_mocker', 0.0):>6.2f}"
                 f" {m['cpu_ms_per_request_client']:>6.2f}"
             )
         if "armature" in per and "dynamo" in per:
@@ -470,6 +502,14 @@ def print_table(summary: dict[int, dict[str, dict[str, float]]]) -> dict[str, fl
             ratios[f"req_per_s_ratio_c{c}"] = rr
             ratios[f"ttft_ratio_c{c}"] = tr
             print(f"{c:>4} {'ratio':<9} {'':>7} {rr:>7.2f}x {tr:>7.2f}x")
+        for floor in ("floor-1p", "floor-2p"):
+            if floor in per and "dynamo" in per:
+                rr = per[floor]["req_per_s"] / per["dynamo"]["req_per_s"]
+                tr = per[floor]["ttft_mean_ms"] / per["dynamo"]["ttft_mean_ms"]
+                key = floor.replace("-", "_")
+                ratios[f"req_per_s_ratio_{key}_c{c}"] = rr
+                ratios[f"ttft_ratio_{key}_c{c}"] = tr
+                print(f"{c:>4} {floor + '/dyn':<9} {'':>7} {rr:>7.2f}x {tr:>7.2f}x")
     return ratios
 
 
@@ -482,6 +522,14 @@ def verdict(ratios: dict[str, float], levels: list[int]) -> list[str]:
     if "ttft_ratio_c1" in ratios:
         r = ratios["ttft_ratio_c1"]
         lines.append(f"TTFT at concurrency 1: {r:.2f}x Dynamo (target <= 0.8x) {'PASS' if r <= 0.8 else 'MISS'}")
+    for floor, what in (("floor_1p", "one process"), ("floor_2p", "frontend + worker")):
+        for c in levels:
+            if c >= 16 and f"req_per_s_ratio_{floor}_c{c}" in ratios:
+                r = ratios[f"req_per_s_ratio_{floor}_c{c}"]
+                lines.append(f"floor ({what} doing no work): req/s at concurrency {c} {r:.2f}x Dynamo")
+        if f"ttft_ratio_{floor}_c1" in ratios:
+            r = ratios[f"ttft_ratio_{floor}_c1"]
+            lines.append(f"floor ({what} doing no work): TTFT at concurrency 1 {r:.2f}x Dynamo")
     return lines
 
 
@@ -497,17 +545,9 @@ async def engine_floor(model_dir: Path, speedup: float, levels: list[int], n: in
     """
     from armature.engine.api import GenerateRequest, SamplingParams
     from armature.engine.server_args import ServerArgs
-    from armature.frontend.openai import chat_request_decoder
-    from armature.frontend.preprocess import Preprocessor
-    from armature.frontend.tokenizer import ModelTokenizer
     from armature.mocker import MockerArgs, MockerEngine
-    from armature.protocols.model_card import ModelCard
 
-    tok = ModelTokenizer.from_dir(model_dir)
-    card = ModelCard(name=MODEL_NAME, model_types=[], tokenizer_path=str(model_dir), context_length=8192,
-                     kv_cache_block_size=64)  # fmt: skip
-    body = chat_request("127.0.0.1", 0, MODEL_NAME, max_tokens).split(b"\r\n\r\n", 1)[1]
-    prompt = (await Preprocessor(card, tok).chat(chat_request_decoder.decode(body))).choices[0].prompt.token_ids
+    prompt = await prompt_token_ids(model_dir, max_tokens)
     engine = MockerEngine(ServerArgs(model_path=str(model_dir), skip_tokenizer_init=True), MockerArgs(speedup_ratio=speedup))
     out: list[dict[str, float]] = []
     try:
@@ -572,6 +612,10 @@ async def bench(args: argparse.Namespace) -> int:
         else:
             print(f"unknown system {name!r} (armature, dynamo, candidate)")
             return 2
+    if args.floor:
+        prompt_len = len(await prompt_token_ids(model_dir, args.max_tokens))
+        systems.extend(floor_systems(args.python, tmp, prompt_len, args.speedup))
+        names.extend(s.name for s in systems[-2:])
     results: list[LevelResult] = []
     load_before = os.getloadavg()
     try:
@@ -680,6 +724,8 @@ def main() -> int:
     p.add_argument("--engine-floor", action="store_true",
                    help="also drive Armature's MockerEngine alone (no HTTP, no request plane) with the same load")
     p.add_argument("--engine-floor-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--floor", action="store_true",
+                   help="also time serving_floor.py: the same load on a frontend and worker that do no work")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_vs_dynamo.json"))
     args = p.parse_args()
     if args.engine_floor_only:
