@@ -21,6 +21,10 @@ benchmarks/results/serve_vs_dynamo.json.
     /work/shared/anchors/dynamo-venv.sh /work/dynamo-venv                  # ... Dynamo's venv first
     .venv/bin/python benchmarks/serve_vs_dynamo.py --concurrency 1,16,64 --requests 200 --rounds 3
     .venv/bin/python benchmarks/serve_vs_dynamo.py --systems armature    # Armature alone
+    .venv/bin/python benchmarks/serve_vs_dynamo.py --rounds 3 --floor     # and the do-nothing floor
+
+``--floor`` adds ``serving_floor.py`` in one process and in two: a frontend and worker that do no
+work on the same simulated engine, the bound any implementation meets on this machine.
 """
 
 from __future__ import annotations
