@@ -367,12 +367,18 @@ class System:
 
 
 def process_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and of the processes it started (``--http-processes``)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return float("nan")
     # utime and stime are fields 14 and 15 of stat(5); the split starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children.update(int(c) for c in (task / "children").read_text().split())
+    return own + sum(process_cpu_s(c) for c in children)
 
 
 async def http_get(host: str, port: int, path: str) -> str:
@@ -400,13 +406,15 @@ def loopback_env(kv_var: str, kv_dir: Path) -> dict[str, str]:
     return env
 
 
-def armature_system(model_dir: Path, speedup: float, tmp: Path, python: str, src: Path, name: str = "armature") -> System:
+def armature_system(
+    model_dir: Path, speedup: float, tmp: Path, python: str, src: Path, name: str = "armature", http_processes: int = 1
+) -> System:
     port = free_port()
     kv = tmp / f"{name}-kv"
     kv.mkdir()
     plane = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
     frontend = [python, "-m", "armature.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
-                "--log-level", "warning", *plane]  # fmt: skip
+                "--log-level", "warning", "--http-processes", str(http_processes), *plane]  # fmt: skip
     mocker = [python, "-m", "armature.mocker", "--model-path", str(model_dir), "--model-name", MODEL_NAME,
               "--speedup-ratio", str(speedup), "--log-level", "warning", *plane]  # fmt: skip
     env = loopback_env("ARMATURE_FILE_KV", kv)
@@ -599,13 +607,17 @@ async def bench(args: argparse.Namespace) -> int:
     systems: list[System] = []
     for name in names:
         if name == "armature":
-            systems.append(armature_system(model_dir, args.speedup, tmp, args.python, Path(args.armature_src)))
+            systems.append(
+                armature_system(model_dir, args.speedup, tmp, args.python, Path(args.armature_src),
+                                http_processes=args.http_processes)  # fmt: skip
+            )
         elif name == "candidate":  # Armature from another source tree, measured beside this one
             if not args.candidate_src:
                 print("--systems candidate needs --candidate-src")
                 return 2
             systems.append(
-                armature_system(model_dir, args.speedup, tmp, args.python, Path(args.candidate_src), "candidate")
+                armature_system(model_dir, args.speedup, tmp, args.python, Path(args.candidate_src), "candidate",
+                                args.candidate_http_processes or args.http_processes)  # fmt: skip
             )
         elif name == "dynamo":
             venv = Path(args.dynamo_venv)
@@ -722,6 +734,9 @@ def main() -> int:
     p.add_argument("--python", default=sys.executable, help="Python that runs Armature's processes")
     p.add_argument("--armature-src", default=str(ROOT / "src"), help="source tree Armature runs from")
     p.add_argument("--candidate-src", default=None, help="with --systems armature,candidate: A/B a change")
+    p.add_argument("--http-processes", type=int, default=1, help="Armature's frontend --http-processes")
+    p.add_argument("--candidate-http-processes", type=int, default=0,
+                   help="the candidate's --http-processes (default: --http-processes)")
     p.add_argument("--start-timeout", type=float, default=90.0)
     p.add_argument("--pause-for-profiler", type=float, default=0.0, help="seconds to wait after warm-up")
     p.add_argument("--keep-logs", action="store_true")

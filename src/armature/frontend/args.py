@@ -15,6 +15,7 @@ from typing import Any
 from armature.frontend.server import DEFAULT_BODY_LIMIT, FrontendConfig
 from armature.router.kv.config import KvRouterConfig, add_router_args
 from armature.router.push import RouterMode
+from armature.runtime.discovery.factory import discovery_backend_name
 from armature.runtime.runtime import RuntimeSettings
 
 
@@ -49,6 +50,7 @@ class FrontendArgs:
     runtime: RuntimeSettings
     kv_router: KvRouterConfig
     decode_fallback: bool = False
+    http_processes: int = 1
 
     def frontend_config(self) -> FrontendConfig:
         return FrontendConfig(
@@ -110,6 +112,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=float(d("HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS", 5.0)),
         help="seconds in-flight requests get after SIGTERM",
     )
+    p.add_argument(
+        "--http-processes",
+        type=int,
+        default=int(d("HTTP_PROCESSES", 1)),
+        help="frontend processes sharing the port, for more than one core of streaming "
+        "(env ARMATURE_HTTP_PROCESSES; like vLLM's --api-server-count); needs file or etcd discovery",
+    )
     p.add_argument("--log-level", default=d("LOG_LEVEL", "info"), help="debug|info|warning|error")
     RuntimeSettings.add_arguments(p)
     # The KV router's flags, --kv-cache-block-size among them (it overrides the model cards' block
@@ -135,11 +144,15 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         parser.error("--kv-cache-block-size must be positive")
     if ns.body_limit_mb <= 0:
         parser.error("--body-limit-mb must be positive")
+    if ns.http_processes < 1:
+        parser.error("--http-processes must be >= 1")
     try:
         runtime = RuntimeSettings.from_args(ns, env)
         kv_router = KvRouterConfig.from_args(ns)
     except ValueError as exc:
         parser.error(str(exc))
+    if ns.http_processes > 1 and discovery_backend_name(runtime.discovery_backend, env) == "mem":
+        parser.error("--http-processes > 1 needs discovery the processes share: --discovery-backend file or etcd")
     return FrontendArgs(
         http_host=ns.http_host,
         http_port=ns.http_port,
@@ -158,4 +171,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         runtime=runtime,
         kv_router=kv_router,
         decode_fallback=ns.decode_fallback,
+        http_processes=ns.http_processes,
     )

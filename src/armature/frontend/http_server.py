@@ -399,12 +399,14 @@ class HttpServer:
         port: int = 8000,
         ssl_context: ssl.SSLContext | None = None,
         graceful_timeout_s: float = 5.0,
+        reuse_port: bool = False,
     ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self._ssl = ssl_context
         self.graceful_timeout_s = graceful_timeout_s
+        self.reuse_port = reuse_port  # other processes listen on the same port (--http-processes)
         self.connections: set[HttpConnection] = set()
         self.active = 0
         self.shutting_down = False
@@ -421,12 +423,17 @@ class HttpServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpConnection(self), self.host, self.port, ssl=self._ssl, reuse_address=True, backlog=2048
-        )
+            lambda: HttpConnection(self), self.host, self.port, ssl=self._ssl, reuse_address=True,
+            reuse_port=self.reuse_port or None, backlog=2048,
+        )  # fmt: skip
         self.started = True
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    async def stop_requested(self) -> None:
+        """Returns once a stop was asked for (SIGTERM, SIGINT or ``request_stop``)."""
+        await self._stop.wait()
 
     @property
     def should_exit(self) -> bool:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from armature.frontend.args import FrontendArgs, parse_args
 from armature.frontend.http_server import HttpServer, tls_context
 from armature.frontend.metrics import FrontendMetrics
 from armature.frontend.models import DiscoveryModelSource
+from armature.frontend.processes import DIR_ENV, MetricsPeers, SiblingProcesses, die_with_parent, process_index
 from armature.frontend.server import Frontend
 from armature.protocols.llm import LLMEngineOutput
 from armature.router.kv.metrics import RouterMetrics
@@ -46,24 +49,59 @@ def http_server(frontend: Frontend, args: FrontendArgs) -> HttpServer:
         port=args.http_port,
         ssl_context=tls_context(args.tls_cert_path, args.tls_key_path),
         graceful_timeout_s=max(1.0, float(args.graceful_shutdown_timeout_s)),
+        reuse_port=args.http_processes > 1,
     )
 
 
-async def serve(args: FrontendArgs) -> int:
+async def _supervise(server: HttpServer, siblings: SiblingProcesses) -> None:
+    """Stop the others when this process is told to stop, and all of it when one of them dies."""
+    stop = asyncio.ensure_future(server.stop_requested())
+    gone = asyncio.ensure_future(siblings.watch(lambda i, code: log.error(
+        "frontend process %d exited with %d: stopping the frontend", i, code)))  # fmt: skip
+    try:
+        await asyncio.wait((stop, gone), return_when=asyncio.FIRST_COMPLETED)
+        # A frontend that lost a process serves with less than it was asked to: stop all of it so
+        # a supervisor restarts the whole. Told to stop: the others drain alongside this one.
+        server.request_stop()
+        siblings.terminate()
+    finally:
+        stop.cancel()
+        gone.cancel()
+
+
+async def serve(args: FrontendArgs, argv: Sequence[str] = ()) -> int:
+    index = process_index()
+    siblings: SiblingProcesses | None = None
+    peers: MetricsPeers | None = None
     runtime = DistributedRuntime.from_settings(args.runtime)
     await runtime.start()
     frontend = build_frontend(runtime, args)
     await frontend.start()
     server = http_server(frontend, args)
+    watch: asyncio.Task[None] | None = None
     try:
         try:
             await server.start()
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.http_host, args.http_port, exc)
             return 1
+        if args.http_processes > 1:
+            if index == 0:
+                siblings = SiblingProcesses(args.http_processes, argv)
+                folder = siblings.folder
+            else:
+                die_with_parent()
+                folder = Path(os.environ[DIR_ENV])
+            peers = MetricsPeers(folder, index, args.http_processes, frontend.metrics.render)
+            await peers.start()
+            frontend.metrics_page = peers.render
+            if siblings is not None:
+                siblings.start()
+                watch = asyncio.get_running_loop().create_task(_supervise(server, siblings))
         scheme = "https" if args.tls_cert_path else "http"
-        log.info("frontend listening on %s://%s:%d (router %s)", scheme, args.http_host, args.http_port,
-                 args.router_mode.value)  # fmt: skip
+        if index == 0:
+            log.info("frontend listening on %s://%s:%d (router %s%s)", scheme, args.http_host, args.http_port,
+                     args.router_mode.value, f", {args.http_processes} processes" if siblings else "")  # fmt: skip
         # What lives now lives as long as the process: full collections need not walk it again.
         gc.freeze()
         # The server owns SIGTERM/SIGINT here: it stops accepting, lets requests finish within the
@@ -71,19 +109,25 @@ async def serve(args: FrontendArgs) -> int:
         await server.serve()
     finally:
         frontend.draining = True
+        if watch is not None:
+            watch.cancel()
+        codes = await siblings.stop(server.graceful_timeout_s) if siblings is not None else []
+        if peers is not None:
+            await peers.close()
         await frontend.stop()
         await runtime.shutdown(grace_period_s=0.0)
-    return 0 if server.started else 1
+    return 0 if server.started and not any(codes) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
         import uvloop
 
-        return int(uvloop.run(serve(args)))
+        return int(uvloop.run(serve(args, argv)))
     except ImportError:
-        return int(asyncio.run(serve(args)))
+        return int(asyncio.run(serve(args, argv)))

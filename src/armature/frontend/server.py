@@ -110,6 +110,8 @@ class Frontend(Application):
             decode_fallback=self.config.decode_fallback,
         )
         self._source = source
+        # With --http-processes: every process's metrics merged (armature.frontend.processes).
+        self.metrics_page: Callable[[], Awaitable[bytes]] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.draining = False
         self._inflight = 0
@@ -329,7 +331,8 @@ class Frontend(Application):
         return _json_reply({"status": "live"})
 
     async def _metrics(self, request: HttpRequest) -> Reply:
-        return Reply(200, self.metrics.render(), CONTENT_TYPE)
+        page = await self.metrics_page() if self.metrics_page is not None else self.metrics.render()
+        return Reply(200, page, CONTENT_TYPE)
 
     async def _openapi(self, request: HttpRequest) -> Reply:
         return Reply(200, openapi_document(tuple(sorted(m.name for m in self.models.models()))))
