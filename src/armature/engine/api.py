@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
+from armature.protocols.kv_events import EventBatch
 from armature.protocols.llm import BootstrapInfo
 
 
@@ -180,6 +181,19 @@ class Engine(Protocol):
 
 
 OutputCallback = Callable[[GenerateOutput], None]
+KvBatchCallback = Callable[[EventBatch], None]
+
+
+@runtime_checkable
+class KvEventSource(Protocol):
+    """An engine in the worker's own process that hands its KV event batches to a callback: the
+    worker relays them without the ZMQ socket and thread an engine in another process needs.
+    Optional: without it (or with ``--kv-events-config``) the worker subscribes to the engine's
+    ZMQ endpoint as it would to SGLang's."""
+
+    def add_kv_event_listener(self, on_batch: KvBatchCallback) -> None:
+        """``on_batch`` then runs on the calling thread's event loop with each batch, in order."""
+        ...
 
 
 @runtime_checkable

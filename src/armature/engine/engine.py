@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -35,11 +36,13 @@ from armature.engine.api import (
     GenerateOutput,
     GenerateRequest,
     InvalidRequestError,
+    KvBatchCallback,
     LoadMetrics,
     OutputCallback,
     SamplingParams,
 )
 from armature.engine.kv_events import KvEventPublisher
+from armature.protocols.kv_events import EventBatch
 from armature.engine.model_executor import ModelExecutor
 from armature.engine.sampler import Sampler
 from armature.engine.scheduler import Scheduler, SchedulerConfig
@@ -138,6 +141,7 @@ class ThreadedEngine:
         self._paused = False
         self._stopped = threading.Event()
         self.publisher = KvEventPublisher(kv_events) if kv_events else None
+        self._kv_listeners: tuple[tuple[asyncio.AbstractEventLoop, KvBatchCallback], ...] = ()
         self._name = name
         self._thread: threading.Thread | None = None
         self._start_driver()
@@ -218,9 +222,25 @@ class ThreadedEngine:
         self._publish_state()
         self._deliver(outputs)
 
+    def add_kv_event_listener(self, on_batch: KvBatchCallback) -> None:
+        """``on_batch(EventBatch)`` on the calling event loop after each step that changed the cache."""
+        self._kv_listeners = (*self._kv_listeners, (asyncio.get_running_loop(), on_batch))
+
     def _publish_state(self) -> None:
-        if self.publisher is not None:
-            self.publisher.publish(self.scheduler.take_events())
+        listeners = self._kv_listeners
+        if self.publisher is not None or listeners:
+            events = self.scheduler.take_events()
+            if events and self.publisher is not None:
+                self.publisher.publish(events)
+            if events and listeners:
+                batch = EventBatch(ts=time.time(), events=events, attn_dp_rank=0)
+                here = _running_loop()
+                for loop, on_batch in listeners:
+                    if loop is here:  # the mocker's step loop runs on the worker's loop
+                        on_batch(batch)
+                    else:
+                        with contextlib.suppress(RuntimeError):  # that loop is closed
+                            loop.call_soon_threadsafe(on_batch, batch)
         else:
             self.scheduler.events.clear()
         self._metrics = self.scheduler.load_metrics()

@@ -7,11 +7,6 @@ built from the worker's SGLang-named settings.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import json
-import os
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 from armature.engine.api import Engine
@@ -19,30 +14,6 @@ from armature.sglang.args import ConfigError, SglangServerConfig, WorkerConfig
 
 if TYPE_CHECKING:
     from armature.engine.disagg import DisaggConfig
-
-_ipc_counter = itertools.count()
-_IPC_PREFIX = "armature-kv-"
-
-
-def default_kv_events_config() -> str:
-    """An ``ipc://`` endpoint private to this process: KV events on by default, no port to pick.
-
-    Dynamo requires ``--kv-events-config`` for KV routing; publishing over a local ipc socket
-    costs nothing when nobody routes by KV, binds no network port, and cannot collide with
-    another worker on the host.
-    """
-    path = os.path.join(tempfile.gettempdir(), f"{_IPC_PREFIX}{os.getpid()}-{next(_ipc_counter)}.ipc")
-    return json.dumps({"publisher": "zmq", "topic": "", "endpoint": f"ipc://{path}"})
-
-
-def remove_default_kv_socket(endpoint: str | None) -> None:
-    """Delete the ipc socket file ``default_kv_events_config`` made (ZMQ leaves it behind)."""
-    if not endpoint or not endpoint.startswith("ipc://"):
-        return
-    path = endpoint.removeprefix("ipc://")
-    if os.path.dirname(path) == tempfile.gettempdir() and os.path.basename(path).startswith(_IPC_PREFIX):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def native_server_args(config: WorkerConfig) -> dict[str, Any]:
@@ -58,7 +29,9 @@ def native_server_args(config: WorkerConfig) -> dict[str, Any]:
         "disable_cuda_graph": s.disable_cuda_graph,
         # The frontend tokenizes; the worker's engine never needs the tokenizer.
         "skip_tokenizer_init": True,
-        "kv_events_config": s.kv_events_config if s.use_kv_events else default_kv_events_config(),
+        # Without --kv-events-config the engine hands KV events to the worker in-process
+        # (KvEventSource); with it, it also publishes SGLang's ZMQ format where it says.
+        "kv_events_config": s.kv_events_config if s.use_kv_events else None,
         "log_level": s.log_level,
     }
     optional = {

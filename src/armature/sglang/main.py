@@ -24,7 +24,7 @@ from armature.runtime.runtime import DistributedRuntime, Endpoint, RuntimeSettin
 from armature.sglang.args import ConfigError, ServingMode, WorkerConfig, parse_args
 from armature.sglang.config_dump import dump_config
 from armature.sglang.disagg_metrics import register_disagg_metrics
-from armature.sglang.engines import create_engine, remove_default_kv_socket
+from armature.sglang.engines import create_engine
 from armature.sglang.event_sink import WorkerEventSink, create_event_sink
 from armature.sglang.handlers.decode import DecodeWorkerHandler
 from armature.sglang.handlers.kv_query import QUERY_ENDPOINT, SNAPSHOT_ENDPOINT, KvQueryHandler
@@ -64,7 +64,6 @@ class RunningWorker:
         with contextlib.suppress(Exception):
             await self.events.close()
         await self.handler.cleanup()
-        remove_default_kv_socket(self.engine.info.kv_events_endpoint)
 
 
 async def _follow_shutdown(leader: DistributedRuntime, others: Sequence[DistributedRuntime]) -> None:

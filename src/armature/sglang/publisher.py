@@ -7,7 +7,9 @@
   msgpack EventBatch]``); a SUB socket reads them and relays each as an Armature ``RouterEvent``
   with the canonical block hash recomputed from the token ids (``protocols.hashing``, so routers
   never depend on the engine's own hash function) and a per-worker monotonically increasing
-  ``event_id`` (routers detect gaps from it).
+  ``event_id`` (routers detect gaps from it). An engine in this process (native, mocker) without
+  ``--kv-events-config`` hands its batches over directly instead (``KvEventSource``): the same
+  relay, no socket and no publisher thread in between.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Gauge
 
-from armature.engine.api import Engine, LoadMetrics
+from armature.engine.api import Engine, KvEventSource, LoadMetrics
 from armature.protocols.hashing import compute_local_block_hashes
 from armature.protocols.kv_events import (
     AllBlocksCleared,
@@ -209,6 +211,11 @@ class WorkerPublisher:
         endpoint = self.engine.info.kv_events_endpoint
         if endpoint:
             self._tasks.append(asyncio.create_task(self._kv_loop(endpoint), name="kv-event-relay"))
+        elif isinstance(self.engine, KvEventSource):
+            # In this process: batches come straight from the step loop, no socket, no thread.
+            batches: asyncio.Queue[EventBatch] = asyncio.Queue()
+            self.engine.add_kv_event_listener(batches.put_nowait)
+            self._tasks.append(asyncio.create_task(self._kv_local_loop(batches), name="kv-event-relay"))
 
     async def publish_load_now(self) -> None:
         m = self.engine.load_metrics()
@@ -262,13 +269,21 @@ class WorkerPublisher:
                 except msgspec.DecodeError as exc:
                     log.warning("undecodable KV event batch: %s", exc)
                     continue
-                for event in self.converter.convert(batch):
-                    self.local_indexer.append(event)
-                    await self.publish(KV_EVENTS_TOPIC, encode_router_event(event))
-                    self.kv_events_relayed += 1
-                self.gauges.kv_events.labels(*self.labels).set(self.kv_events_relayed)
+                await self._relay(batch)
         finally:
             sock.close(0)
+
+    async def _kv_local_loop(self, batches: asyncio.Queue[EventBatch]) -> None:
+        while True:
+            await self._relay(await batches.get())
+
+    async def _relay(self, batch: EventBatch) -> None:
+        """One engine batch onto the event plane as router events, and into the local index."""
+        for event in self.converter.convert(batch):
+            self.local_indexer.append(event)
+            await self.publish(KV_EVENTS_TOPIC, encode_router_event(event))
+            self.kv_events_relayed += 1
+        self.gauges.kv_events.labels(*self.labels).set(self.kv_events_relayed)
 
     async def close(self) -> None:
         for task in self._tasks:

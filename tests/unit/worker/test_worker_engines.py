@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,8 @@ def test_native_server_args(model_dir: str) -> None:
     assert (args.page_size, args.context_length, args.max_running_requests) == (8, 256, 4)
     assert (args.chunked_prefill_size, args.max_total_tokens, args.random_seed) == (64, 1024, 7)
     assert args.disable_radix_cache and args.skip_tokenizer_init and args.served_model_name == "n"
-    # KV events are on by default, on a private ipc socket (no network port).
-    assert json.loads(args.kv_events_config)["endpoint"].startswith("ipc://")
+    # No ZMQ socket unless asked for: an in-process engine hands KV events to the worker directly.
+    assert args.kv_events_config is None
     given = '{"publisher":"zmq","endpoint":"tcp://127.0.0.1:5999"}'
     cfg = parse_args(["--model-path", model_dir, "--engine", "native", "--kv-events-config", given])
     assert native_server_args(cfg)["kv_events_config"] == given

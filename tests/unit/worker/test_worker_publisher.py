@@ -130,3 +130,37 @@ async def test_relay_binds_when_the_engine_connects() -> None:
         await publisher.close()
         pub.close(0)
         ctx.term()
+
+
+async def test_an_engine_in_this_process_hands_its_events_over_without_a_socket() -> None:
+    from armature.engine.server_args import ServerArgs
+    from armature.mocker import MockerArgs, MockerEngine
+
+    engine = MockerEngine(ServerArgs(skip_tokenizer_init=True), MockerArgs(speedup_ratio=0.0, block_size=4))
+    assert engine.info.kv_events_endpoint is None  # no --kv-events-config: no ZMQ socket at all
+    received: list[tuple[str, bytes]] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        received.append((topic, payload))
+
+    publisher = WorkerPublisher(engine, 5, publish, CollectorRegistry(), model="m", component="backend")
+    publisher.start()
+    try:
+        from armature.engine.api import GenerateRequest, SamplingParams
+
+        prompt = list(range(100, 110))  # two full blocks of 4, then two tokens
+        async for _ in engine.generate_stream(GenerateRequest("r", prompt, SamplingParams(max_new_tokens=3))):
+            pass
+        deadline = time.monotonic() + 10
+        while not any(t == KV_EVENTS_TOPIC for t, _ in received):
+            assert time.monotonic() < deadline, "no KV event relayed"
+            await asyncio.sleep(0.01)
+        kv = [msgspec.msgpack.decode(p, type=RouterEvent) for t, p in received if t == KV_EVENTS_TOPIC]
+        assert [e.event.event_id for e in kv] == list(range(len(kv)))
+        stored = [b for e in kv if isinstance(e.event.data, KvStored) for b in e.event.data.blocks]
+        assert [b.tokens_hash for b in stored[:2]] == compute_local_block_hashes(prompt[:8], 4)
+        assert all(e.worker_id == 5 for e in kv)
+        assert publisher.local_indexer is not None and publisher.kv_events_relayed == len(kv)
+    finally:
+        await publisher.close()
+        await engine.shutdown()
