@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 from armature.engine.api import (
     EngineFinishReason,
@@ -171,8 +173,9 @@ class DecodeWorkerHandler(BaseWorkerHandler):
             raise RequestPlaneError(ErrorKind.INVALID_REQUEST, str(exc), migratable=False) from exc
         return rid, greq
 
-    @property
+    @functools.cached_property
     def can_push(self) -> bool:
+        # Once: isinstance against a runtime-checkable Protocol walks its members (~20 µs).
         return isinstance(self.engine, PushEngine)
 
     async def generate_push(
@@ -180,11 +183,11 @@ class DecodeWorkerHandler(BaseWorkerHandler):
     ) -> None:
         """``generate`` by pushing: each engine output is converted and sent from the engine's
         output callback, with no task wake-up per token (the request plane's ``PushHandler``)."""
-        engine = self.engine
-        if not isinstance(engine, PushEngine):
+        if not self.can_push:
             async for item in self.generate(request, context):
                 emit(item)
             return
+        engine = cast(PushEngine, self.engine)
         await self.wait_ready()
         if self.shutdown_event.is_set():
             raise EngineShutdown("worker is shutting down")
