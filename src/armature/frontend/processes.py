@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,7 +41,7 @@ _PR_SET_PDEATHSIG = 1
 _SAME_IN_EVERY_PROCESS = ("_worker_cached_blocks", "_kv_events_applied_total", "_kv_event_gaps_total")
 
 
-def process_index(env: dict[str, str] | os._Environ[str] | None = None) -> int:
+def process_index(env: Mapping[str, str] | None = None) -> int:
     """0 in the process a user started; 1..N-1 in the ones it started."""
     raw = (os.environ if env is None else env).get(INDEX_ENV)
     return int(raw) if raw and raw.isdigit() else 0
