@@ -445,14 +445,16 @@ class HttpServer:
         if value:
             self.request_stop()
 
-    async def serve(self, install_signal_handlers: bool = True) -> None:
+    async def serve(
+        self, install_signal_handlers: bool = True, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
         """Serve until ``request_stop`` (or SIGTERM/SIGINT), then shut down gracefully."""
         if not self.started:
             await self.start()
         loop = asyncio.get_running_loop()
         installed: list[int] = []
         if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in signals:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self._on_signal, sig)
                     installed.append(sig)

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,9 @@ async def serve(args: FrontendArgs, argv: Sequence[str] = ()) -> int:
                 folder = siblings.folder
             else:
                 die_with_parent()
+                # Ctrl-C reaches every process of the terminal's group: the first one alone
+                # answers it and tells the others (one SIGTERM each), so none is signalled twice.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 folder = Path(os.environ[DIR_ENV])
             peers = MetricsPeers(folder, index, args.http_processes, frontend.metrics.render)
             await peers.start()
@@ -106,7 +110,7 @@ async def serve(args: FrontendArgs, argv: Sequence[str] = ()) -> int:
         gc.freeze()
         # The server owns SIGTERM/SIGINT here: it stops accepting, lets requests finish within the
         # graceful timeout, then returns.
-        await server.serve()
+        await server.serve(signals=(signal.SIGTERM,) if index > 0 else (signal.SIGTERM, signal.SIGINT))
     finally:
         frontend.draining = True
         if watch is not None:
