@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from armature.frontend.args import FrontendArgs, parse_args
 from armature.frontend.http_server import HttpServer, tls_context
 from armature.frontend.metrics import FrontendMetrics
 from armature.frontend.models import DiscoveryModelSource
-from armature.frontend.processes import DIR_ENV, MetricsPeers, SiblingProcesses, die_with_parent, process_index
+from armature.frontend.processes import FrontendProcesses
 from armature.frontend.server import Frontend
 from armature.protocols.llm import LLMEngineOutput
 from armature.router.kv.metrics import RouterMetrics
@@ -54,73 +52,39 @@ def http_server(frontend: Frontend, args: FrontendArgs) -> HttpServer:
     )
 
 
-async def _supervise(server: HttpServer, siblings: SiblingProcesses) -> None:
-    """Stop the others when this process is told to stop, and all of it when one of them dies."""
-    stop = asyncio.ensure_future(server.stop_requested())
-    gone = asyncio.ensure_future(siblings.watch(lambda i, code: log.error(
-        "frontend process %d exited with %d: stopping the frontend", i, code)))  # fmt: skip
-    try:
-        await asyncio.wait((stop, gone), return_when=asyncio.FIRST_COMPLETED)
-        # A frontend that lost a process serves with less than it was asked to: stop all of it so
-        # a supervisor restarts the whole. Told to stop: the others drain alongside this one.
-        server.request_stop()
-        siblings.terminate()
-    finally:
-        stop.cancel()
-        gone.cancel()
-
-
 async def serve(args: FrontendArgs, argv: Sequence[str] = ()) -> int:
-    index = process_index()
-    siblings: SiblingProcesses | None = None
-    peers: MetricsPeers | None = None
     runtime = DistributedRuntime.from_settings(args.runtime)
     await runtime.start()
     frontend = build_frontend(runtime, args)
     await frontend.start()
     server = http_server(frontend, args)
-    watch: asyncio.Task[None] | None = None
+    group = FrontendProcesses(args.http_processes, argv, frontend.metrics.render) if args.http_processes > 1 else None
+    others_ok = True
     try:
         try:
             await server.start()
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", args.http_host, args.http_port, exc)
             return 1
-        if args.http_processes > 1:
-            if index == 0:
-                siblings = SiblingProcesses(args.http_processes, argv)
-                folder = siblings.folder
-            else:
-                die_with_parent()
-                # Ctrl-C reaches every process of the terminal's group: the first one alone
-                # answers it and tells the others (one SIGTERM each), so none is signalled twice.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                folder = Path(os.environ[DIR_ENV])
-            peers = MetricsPeers(folder, index, args.http_processes, frontend.metrics.render)
-            await peers.start()
-            frontend.metrics_page = peers.render
-            if siblings is not None:
-                siblings.start()
-                watch = asyncio.get_running_loop().create_task(_supervise(server, siblings))
-        scheme = "https" if args.tls_cert_path else "http"
-        if index == 0:
+        if group is not None:
+            await group.start(server)
+            frontend.metrics_page = group.metrics_page
+        if group is None or group.first:
+            scheme = "https" if args.tls_cert_path else "http"
             log.info("frontend listening on %s://%s:%d (router %s%s)", scheme, args.http_host, args.http_port,
-                     args.router_mode.value, f", {args.http_processes} processes" if siblings else "")  # fmt: skip
+                     args.router_mode.value, f", {args.http_processes} processes" if group else "")  # fmt: skip
         # What lives now lives as long as the process: full collections need not walk it again.
         gc.freeze()
         # The server owns SIGTERM/SIGINT here: it stops accepting, lets requests finish within the
         # graceful timeout, then returns.
-        await server.serve(signals=(signal.SIGTERM,) if index > 0 else (signal.SIGTERM, signal.SIGINT))
+        await server.serve(signals=group.signals if group is not None else (signal.SIGTERM, signal.SIGINT))
     finally:
         frontend.draining = True
-        if watch is not None:
-            watch.cancel()
-        codes = await siblings.stop(server.graceful_timeout_s) if siblings is not None else []
-        if peers is not None:
-            await peers.close()
+        if group is not None:
+            others_ok = await group.stop(server.graceful_timeout_s)
         await frontend.stop()
         await runtime.shutdown(grace_period_s=0.0)
-    return 0 if server.started and not any(codes) else 1
+    return 0 if server.started and others_ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

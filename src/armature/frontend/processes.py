@@ -28,6 +28,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
+from armature.frontend.http_server import HttpServer
+
 log = logging.getLogger("armature.frontend")
 
 # Set in the processes the first one starts: which one this is, and the folder of metric sockets.
@@ -207,3 +209,58 @@ class SiblingProcesses:
                 p.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
         return [int(p.returncode) for p in self.procs]
+
+
+class FrontendProcesses:
+    """This process's part in ``--http-processes``: the first starts, watches and stops the others;
+    every one serves its metrics to them and merges theirs into its ``/metrics``."""
+
+    def __init__(self, count: int, argv: Sequence[str], render: Callable[[], bytes]) -> None:
+        self.index = process_index()
+        self.first = self.index == 0
+        self.siblings = SiblingProcesses(count, argv) if self.first else None
+        folder = self.siblings.folder if self.siblings is not None else Path(os.environ[DIR_ENV])
+        self.peers = MetricsPeers(folder, self.index, count, render)
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def signals(self) -> tuple[signal.Signals, ...]:
+        # Ctrl-C reaches every process of the terminal's group: the first one alone answers it
+        # and tells the others (one SIGTERM each), so none is signalled twice.
+        return (signal.SIGTERM, signal.SIGINT) if self.first else (signal.SIGTERM,)
+
+    async def metrics_page(self) -> bytes:
+        return await self.peers.render()
+
+    async def start(self, server: HttpServer) -> None:
+        """Once ``server`` listens: the metrics socket, then (first process) the others."""
+        if not self.first:
+            die_with_parent()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        await self.peers.start()
+        if self.siblings is not None:
+            self.siblings.start()
+            self._watch = asyncio.get_running_loop().create_task(self._supervise(server, self.siblings))
+
+    async def _supervise(self, server: HttpServer, siblings: SiblingProcesses) -> None:
+        """Stop the others when this process is told to stop, and all of it when one of them dies."""
+        stop = asyncio.ensure_future(server.stop_requested())
+        gone = asyncio.ensure_future(siblings.watch(lambda i, code: log.error(
+            "frontend process %d exited with %d: stopping the frontend", i, code)))  # fmt: skip
+        try:
+            await asyncio.wait((stop, gone), return_when=asyncio.FIRST_COMPLETED)
+            # A frontend that lost a process serves with less than it was asked to: stop all of
+            # it so a supervisor restarts the whole. Told to stop: the others drain alongside.
+            server.request_stop()
+            siblings.terminate()
+        finally:
+            stop.cancel()
+            gone.cancel()
+
+    async def stop(self, grace_s: float) -> bool:
+        """After this process drained: the others stopped too; whether every one exited 0."""
+        if self._watch is not None:
+            self._watch.cancel()
+        codes = await self.siblings.stop(grace_s) if self.siblings is not None else []
+        await self.peers.close()
+        return not any(codes)
