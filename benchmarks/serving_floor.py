@@ -56,6 +56,14 @@ def _chunk(model: str, i: int) -> bytes:
     return b"%x\r\n%s\r\n" % (len(event), event)
 
 
+class _Stream:
+    __slots__ = ("emit", "sent")
+
+    def __init__(self, emit: Callable[[int], None]) -> None:
+        self.emit = emit  # called with the index of each token as the engine produces it
+        self.sent = 0
+
+
 class BatchEngine:
     """The simulated engine with nothing but its clock: continuous batching on the mocker's model.
 
@@ -72,21 +80,21 @@ class BatchEngine:
         self.speedup = speedup
         self.block_size = block_size
         self.total_blocks = total_blocks
-        self.waiting: list[list] = []  # [emit, tokens emitted]
-        self.running: list[list] = []
+        self.waiting: list[_Stream] = []
+        self.running: list[_Stream] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.not_before = 0.0  # when the newest request arrived: no forward starts before it
 
     def submit(self, emit: Callable[[int], None]) -> None:
-        self.waiting.append([emit, 0])
+        self.waiting.append(_Stream(emit))
         self.not_before = time.perf_counter()
         self._wake.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    def _blocks(self, req: list) -> int:
-        return -(-(self.prompt_tokens + req[1]) // self.block_size)
+    def _blocks(self, req: _Stream) -> int:
+        return -(-(self.prompt_tokens + req.sent) // self.block_size)
 
     async def _loop(self) -> None:
         timer = DeadlineTimer.create(asyncio.get_running_loop())
@@ -108,9 +116,9 @@ class BatchEngine:
                 await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
             running = []
             for req in batch:
-                req[0](req[1])
-                req[1] += 1
-                if req[1] < TOKENS:
+                req.emit(req.sent)
+                req.sent += 1
+                if req.sent < TOKENS:
                     running.append(req)
             self.running = running
 
