@@ -70,6 +70,26 @@ class StreamReply:
 
     chunks: AsyncIterator[bytes]
     on_disconnect: Callable[[], None] | None = None
+    sink: SseSink | None = None
+
+
+class SseSink:
+    """Lets a stream's producer write an event at once, from a callback: ``ready()`` says whether
+    the connection can take it now (streaming, head sent, not paused, open), ``write`` sends it."""
+
+    __slots__ = ("ready", "write")
+
+    def __init__(self) -> None:
+        self.ready: Callable[[], bool] = _not_ready
+        self.write: Callable[[bytes], None] = _drop
+
+
+def _not_ready() -> bool:
+    return False
+
+
+def _drop(_: bytes) -> None:
+    return None
 
 
 class Application:
@@ -157,6 +177,11 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+
+    @property
+    def paused(self) -> bool:
+        """The transport's buffer is past its high-water mark: writes wait for the reader."""
+        return self._paused
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -298,6 +323,16 @@ class HttpConnection(asyncio.Protocol):
         assert transport is not None
         self._on_disconnect = reply.on_disconnect
         chunks = reply.chunks
+        sink = reply.sink
+        if sink is not None:
+
+            def ready() -> bool:
+                return not (self.closed or self._paused or self._head)
+
+            def write(data: bytes) -> None:
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+            sink.ready, sink.write = ready, write
         # The head goes out with the first event (one write, not two) unless that event takes
         # longer than HEAD_DELAY_S: then alone, so the client sees the 200 during a long prefill.
         self._head = _STREAM_HEAD + (b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
@@ -322,6 +357,8 @@ class HttpConnection(asyncio.Protocol):
             if not done and not self.closed:
                 transport.write(self._take_head() + b"0\r\n\r\n")
         finally:
+            if sink is not None:
+                sink.ready, sink.write = _not_ready, _drop
             timer.cancel()
             self._on_disconnect = None
             aclose = getattr(chunks, "aclose", None)

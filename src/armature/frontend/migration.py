@@ -9,7 +9,7 @@ uninterrupted stream. At most ``limit`` times per request (Dynamo's ``--migratio
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -108,6 +108,27 @@ class MigratingStream:
         async for batch in self.batches():
             for out in batch:
                 yield out
+
+    def install_push(self, fn: Callable[[LLMEngineOutput], bool]) -> bool:
+        """Have the current stream hand outputs to ``fn`` where they arrive (``ResponseStream.on_item``).
+
+        False where it cannot: a router that wraps the stream (the KV router watches its items).
+        A stream opened after a migration is iterated only.
+        """
+        stream = self._stream
+        if stream is None or not hasattr(stream, "on_item"):
+            return False
+        generated = self._generated
+
+        def push(out: LLMEngineOutput) -> bool:
+            if not fn(out):
+                return False
+            if out.token_ids:
+                generated.extend(out.token_ids)
+            return True
+
+        stream.on_item = push
+        return True
 
     async def batches(self) -> AsyncIterator[list[LLMEngineOutput]]:
         """The outputs in bursts: each is what had arrived by the time the caller asked.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from armature.frontend.metrics import FrontendMetrics
@@ -17,6 +17,7 @@ from armature.frontend.migration import MigratingStream
 from armature.frontend.models import ServedModel
 from armature.frontend.postprocess import ChoiceDelta, ChoicePostprocessor, EngineStreamError
 from armature.frontend.preprocess import PreparedChoice, PreparedRequest
+from armature.protocols.llm import LLMEngineOutput
 from armature.runtime.context import Context
 
 
@@ -105,6 +106,21 @@ class RequestPipeline:
             # Tokens that arrive together share the gap since the previous ones.
             self._itl.observe((now - self._last_token_at) / delta_tokens)
         self._last_token_at = now
+
+    def push_delta(self, run: ChoiceRun) -> Callable[[LLMEngineOutput], str | None]:
+        """For outputs taken where they arrive: the text one adds, or None for one that must go
+        through iteration (it finishes, fails, carries logprobs, or meets stop strings)."""
+        post = run.post
+
+        def take(out: LLMEngineOutput) -> str | None:
+            if out.finish_reason is not None or out.error is not None or not post.pushable:
+                return None
+            before = post.completion_tokens
+            delta = post.process(out)
+            self._observe(post.completion_tokens - before)
+            return delta.text if delta is not None else ""
+
+        return take
 
     async def _run_one(self, run: ChoiceRun) -> AsyncIterator[tuple[ChoiceRun, list[ChoiceDelta]]]:
         saw_finish = False

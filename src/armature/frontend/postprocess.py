@@ -76,6 +76,11 @@ class ChoicePostprocessor:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def pushable(self) -> bool:
+        """An output can become text here without iteration: no stop strings held, no logprobs."""
+        return not self._jailing and not self._want_logprobs and self.finish_reason is None
+
     def process(self, out: LLMEngineOutput) -> ChoiceDelta | None:
         """The client-visible delta for one engine output (None when nothing to show yet)."""
         if self.finish_reason is not None:

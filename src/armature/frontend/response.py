@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 from armature.frontend.detokenize import TokenTextCache
+from armature.frontend.http_server import SseSink
 from armature.frontend.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -31,7 +32,7 @@ from armature.frontend.openai import (
 from armature.frontend.pipeline import ChoiceRun, RequestPipeline
 from armature.frontend.postprocess import ChoiceDelta, TokenLogprob
 from armature.frontend.sse import DONE, frame
-from armature.protocols.llm import TopLogprob
+from armature.protocols.llm import LLMEngineOutput, TopLogprob
 from armature.runtime.context import new_request_id
 
 
@@ -97,7 +98,9 @@ class _CompletionLogprobBuilder:
 # ---------------------------------------------------------------- chat
 
 
-async def chat_stream(p: RequestPipeline, include_usage: bool, continuous_usage: bool) -> AsyncIterator[bytes]:
+async def chat_stream(
+    p: RequestPipeline, include_usage: bool, continuous_usage: bool, sink: SseSink | None = None
+) -> AsyncIterator[bytes]:
     rid, created, model = new_id("chatcmpl"), int(time.time()), p.model.name
     texts = TokenTextCache(p.model.preprocessor.tokenizer.tokenizer) if p.prepared.logprobs is not None else None
     skeletons: dict[int, ChatCompletionChunk] = {}
@@ -115,6 +118,31 @@ async def chat_stream(p: RequestPipeline, include_usage: bool, continuous_usage:
     single = len(p.runs) == 1
     tail = b""
     encode = json_encoder.encode
+    if sink is not None and single and texts is None and not continuous_usage:
+        # A plain stream's middle tokens go out from the request plane's frame callback: no task
+        # wake-up and no trip through the generators below per token (~1/10 of the frontend's
+        # CPU at 64 streams). What the callback declines comes through iteration, in order.
+        run0 = p.runs[0]
+        chunk0 = skeletons[run0.index]
+        push_delta = p.push_delta(run0)
+
+        def push(out: LLMEngineOutput) -> bool:
+            # The role chunk rides with the first delta, and the last one with usage and [DONE]:
+            # those go through iteration, as does anything the connection cannot take now.
+            if head or not sink.ready():
+                return False
+            text = push_delta(out)
+            if text is None:
+                return False
+            if text:
+                choice0 = chunk0.choices[0]
+                choice0.delta.content = text
+                choice0.finish_reason = None
+                choice0.logprobs = None
+                sink.write(b"data: " + encode(chunk0) + b"\n\n")
+            return True
+
+        run0.stream.install_push(push)
     async for run, deltas in p.batches():
         chunk = skeletons[run.index]
         choice = chunk.choices[0]

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from armature.frontend.errors import ApiError, from_decode_error
-from armature.frontend.http_server import Application, HttpRequest, Reply, StreamReply
+from armature.frontend.http_server import Application, HttpRequest, Reply, SseSink, StreamReply
 from armature.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from armature.frontend.models import ClientFactory, ModelManager, ModelSource, RouterFactory, ServedModel
 from armature.frontend.openapi import openapi_document
@@ -265,7 +265,11 @@ class Frontend(Application):
         include_usage = bool(opts and opts.include_usage)
         continuous = bool(opts and opts.continuous_usage_stats)
         if req.stream:
-            gen = (chat_stream if chat else completion_stream)(pipeline, include_usage, continuous)
+            if chat:
+                sink = SseSink()
+                gen = chat_stream(pipeline, include_usage, continuous, sink)
+                return StreamReply(self._guard_stream(pipeline, gen, endpoint), pipeline.cancel, sink)
+            gen = completion_stream(pipeline, include_usage, continuous)
             return StreamReply(self._guard_stream(pipeline, gen, endpoint), on_disconnect=pipeline.cancel)
         ok = False
         try:

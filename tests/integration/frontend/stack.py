@@ -35,6 +35,7 @@ class ServedStack:
     worker_runtime: DistributedRuntime
     frontend_runtime: DistributedRuntime
     state: MemoryState
+    http: HttpServer | None = None
 
     @property
     def v1(self) -> str:
@@ -78,7 +79,7 @@ async def served_stack(model_path: Path, config: FrontendConfig | None = None) -
     server, task, url = await start_http(frontend)
     try:
         await frontend.wait_for_model(MODEL, timeout_s=30)
-        yield ServedStack(url, frontend, engine, worker, wrt, frt, state)
+        yield ServedStack(url, frontend, engine, worker, wrt, frt, state, server)
     finally:
         server.request_stop()
         with contextlib.suppress(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -177,3 +178,51 @@ async def test_graceful_shutdown_finishes_running_streams_and_refuses_new_connec
         await asyncio.wait_for(task, 10)
     finally:
         writer.close()
+
+
+async def test_a_reader_that_falls_behind_still_gets_the_whole_stream_in_order(stack: ServedStack) -> None:
+    """The server's writes back up behind a reader that stops for a while: the stream pauses
+    (asyncio's pause_writing) and resumes, and every event still arrives once, in order."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+            "ignore_eos": True, "temperature": 0}  # fmt: skip
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as http:
+        whole = (await http.post(CHAT, json=body)).json()["choices"][0]["message"]["content"]
+    assert stack.http is not None
+    before = set(stack.http.connections)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    client.connect(_addr(stack))
+    writer: asyncio.StreamWriter | None = None
+    try:
+        for _ in range(200):
+            if set(stack.http.connections) - before:
+                break
+            await asyncio.sleep(0.01)
+        (conn,) = set(stack.http.connections) - before
+        assert conn.transport is not None
+        # Small buffers on the server's side of this connection, so a few events fill them.
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn.transport.set_write_buffer_limits(high=2048)
+        payload = json.dumps({**body, "stream": True}).encode()
+        client.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)  # fmt: skip
+        paused = False
+        for _ in range(300):  # nothing reads the socket: the server's side fills up
+            await asyncio.sleep(0.01)
+            paused = paused or conn.paused
+        assert paused, "the connection never backed up"
+        client.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=client)
+        status, _, raw = await _read_response(reader)
+        assert status == b"HTTP/1.1 200 OK"
+        events = [e for e in raw.decode().split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert text == whole
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        if writer is not None:
+            writer.close()
+        else:
+            client.close()

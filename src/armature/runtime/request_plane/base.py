@@ -37,6 +37,7 @@ class ErrorKind:
     VERSION_MISMATCH = "version_mismatch"
     PROTOCOL_ERROR = "protocol_error"
     NO_INSTANCES = "no_instances"
+    CALLER_ERROR = "caller_error"  # the caller's own item callback raised (never on the wire)
 
 
 # Errors after which the same request may be sent to another instance (Dynamo's set).

@@ -8,8 +8,10 @@ handler may run at most ``window`` items ahead, and credit flows back as the cal
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -17,6 +19,8 @@ import msgspec
 from armature.runtime.context import Context
 from armature.runtime.request_plane.base import ErrorKind, RequestPlaneError, StreamChannel
 from armature.runtime.request_plane.codec import FrameKind
+
+log = logging.getLogger(__name__)
 
 
 class ResponseStream:
@@ -39,6 +43,9 @@ class ResponseStream:
         self._decoder = decoder
         self._items: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # Set by a consumer that can take an item right where it arrives (no task wake-up);
+        # returns False to have it queued for iteration instead.
+        self.on_item: Callable[[Any], bool] | None = None
         self._error: RequestPlaneError | None = None
         self._finished = False  # no more frames will come (END, error, kill, or lost)
         self._released = False
@@ -155,8 +162,25 @@ class ResponseStream:
             self._channel.send_control(self._key, FrameKind.KILL)
             self.on_error(RequestPlaneError(ErrorKind.INVALID_RESPONSE, f"cannot decode a response item: {e}", False))
             return
-        self._items.append(item)
         waiter = self._waiter
+        push = self.on_item
+        # Only while the caller waits with nothing queued: items never overtake each other.
+        if push is not None and waiter is not None and not self._items:
+            try:
+                taken = push(item)
+            except Exception as e:  # the caller's bug must not reach the connection's other streams
+                log.exception("a response item's consumer failed")
+                self.on_item = None
+                self._channel.send_control(self._key, FrameKind.KILL)
+                self.on_error(RequestPlaneError(ErrorKind.CALLER_ERROR, f"the caller failed on an item: {e!r}", False))
+                return
+            if taken:
+                self._consumed += 1
+                if self._consumed >= self._credit_every:
+                    self._channel.send_control(self._key, FrameKind.CREDIT, self._consumed)
+                    self._consumed = 0
+                return
+        self._items.append(item)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
