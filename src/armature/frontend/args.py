@@ -51,6 +51,7 @@ class FrontendArgs:
     kv_router: KvRouterConfig
     decode_fallback: bool = False
     http_processes: int = 1
+    stream_write_interval_ms: float = 3.0
 
     def frontend_config(self) -> FrontendConfig:
         return FrontendConfig(
@@ -119,6 +120,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="frontend processes sharing the port, for more than one core of streaming "
         "(env ARMATURE_HTTP_PROCESSES; like vLLM's --api-server-count); needs file or etcd discovery",
     )
+    p.add_argument(
+        "--stream-write-interval-ms",
+        type=float,
+        default=float(d("STREAM_WRITE_INTERVAL_MS", 3.0)),
+        help="a stream's SSE events go out at most this often per connection; sooner ones ride with "
+        "the next write (one token per event still); 0 writes each at once (env ARMATURE_STREAM_WRITE_INTERVAL_MS)",
+    )
     p.add_argument("--log-level", default=d("LOG_LEVEL", "info"), help="debug|info|warning|error")
     RuntimeSettings.add_arguments(p)
     # The KV router's flags, --kv-cache-block-size among them (it overrides the model cards' block
@@ -146,6 +154,8 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         parser.error("--body-limit-mb must be positive")
     if ns.http_processes < 1:
         parser.error("--http-processes must be >= 1")
+    if not 0 <= ns.stream_write_interval_ms <= 1000:
+        parser.error("--stream-write-interval-ms must be between 0 and 1000")
     try:
         runtime = RuntimeSettings.from_args(ns, env)
         kv_router = KvRouterConfig.from_args(ns)
@@ -172,4 +182,5 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         kv_router=kv_router,
         decode_fallback=ns.decode_fallback,
         http_processes=ns.http_processes,
+        stream_write_interval_ms=ns.stream_write_interval_ms,
     )

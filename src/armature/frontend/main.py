@@ -49,6 +49,7 @@ def http_server(frontend: Frontend, args: FrontendArgs) -> HttpServer:
         ssl_context=tls_context(args.tls_cert_path, args.tls_key_path),
         graceful_timeout_s=max(1.0, float(args.graceful_shutdown_timeout_s)),
         reuse_port=args.http_processes > 1,
+        stream_write_interval_s=args.stream_write_interval_ms / 1000.0,
     )
 
 

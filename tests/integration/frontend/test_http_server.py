@@ -226,3 +226,30 @@ async def test_a_reader_that_falls_behind_still_gets_the_whole_stream_in_order(s
             writer.close()
         else:
             client.close()
+
+
+async def test_events_that_come_faster_than_the_write_interval_ride_together(stack: ServedStack) -> None:
+    """One token per event always; how many socket writes carry them is the server's pacing. With
+    an interval longer than the whole stream, the first event goes at once and the rest in one
+    write with [DONE]."""
+    assert stack.http is not None
+    saved = stack.http.stream_write_interval_s
+    stack.http.stream_write_interval_s = 30.0
+    client = socket.create_connection(_addr(stack))
+    try:
+        client.sendall(_chat_request(max_tokens=40, extra_headers="Connection: close\r\n"))
+        client.settimeout(20)
+        reads: list[bytes] = []
+        while chunk := await asyncio.to_thread(client.recv, 1 << 20):
+            reads.append(chunk)
+        raw = b"".join(reads)
+        assert raw.endswith(b"0\r\n\r\n")
+        assert len(reads) <= 4, f"{len(reads)} separate arrivals: the events were not paced"
+        body = raw.split(b"\r\n\r\n", 1)[1]
+        events = [e for e in body.decode().split("\n\n") if e.strip()]
+        contents = [json.loads(e[e.index("data: ") + 6 :])["choices"][0]["delta"].get("content")
+                    for e in events if "[DONE]" not in e and '"choices":[{' in e]  # fmt: skip
+        assert len(contents) == 1 + 40  # the role chunk, then one event per token
+    finally:
+        stack.http.stream_write_interval_s = saved
+        client.close()
