@@ -7,7 +7,7 @@ encoding it with msgspec: nothing per token builds a dict or a pydantic model.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from armature.frontend.detokenize import TokenTextCache
 from armature.frontend.http_server import SseSink
@@ -95,6 +95,32 @@ class _CompletionLogprobBuilder:
         return self.build([lp.token_id for lp in lps], [lp.logprob for lp in lps], [lp.top for lp in lps])
 
 
+# ---------------------------------------------------------------- plain streams
+
+
+def _push_plain_tokens(
+    p: RequestPipeline, sink: SseSink, may_push: Callable[[], bool], event: Callable[[str], bytes]
+) -> None:
+    """A plain stream's middle tokens go out from the request plane's frame callback: no task
+    wake-up and no trip through the generators per token (~1/10 of the frontend's CPU at 64
+    streams). The last token (with usage and [DONE]), anything the connection cannot take now,
+    and what comes after a declined output go through iteration, in order."""
+    run = p.runs[0]
+    take = p.push_delta(run)
+
+    def push(out: LLMEngineOutput) -> bool:
+        if not may_push() or not sink.ready():
+            return False
+        text = take(out)
+        if text is None:
+            return False
+        if text:
+            sink.write(event(text))
+        return True
+
+    run.stream.install_push(push)
+
+
 # ---------------------------------------------------------------- chat
 
 
@@ -119,30 +145,17 @@ async def chat_stream(
     tail = b""
     encode = json_encoder.encode
     if sink is not None and single and texts is None and not continuous_usage:
-        # A plain stream's middle tokens go out from the request plane's frame callback: no task
-        # wake-up and no trip through the generators below per token (~1/10 of the frontend's
-        # CPU at 64 streams). What the callback declines comes through iteration, in order.
-        run0 = p.runs[0]
-        chunk0 = skeletons[run0.index]
-        push_delta = p.push_delta(run0)
+        chunk0 = skeletons[p.runs[0].index]
 
-        def push(out: LLMEngineOutput) -> bool:
-            # The role chunk rides with the first delta, and the last one with usage and [DONE]:
-            # those go through iteration, as does anything the connection cannot take now.
-            if head or not sink.ready():
-                return False
-            text = push_delta(out)
-            if text is None:
-                return False
-            if text:
-                choice0 = chunk0.choices[0]
-                choice0.delta.content = text
-                choice0.finish_reason = None
-                choice0.logprobs = None
-                sink.write(b"data: " + encode(chunk0) + b"\n\n")
-            return True
+        def chat_event(text: str) -> bytes:
+            choice0 = chunk0.choices[0]
+            choice0.delta.content = text
+            choice0.finish_reason = None
+            choice0.logprobs = None
+            return b"data: " + encode(chunk0) + b"\n\n"
 
-        run0.stream.install_push(push)
+        # The role chunk rides with the first delta: that one goes through iteration.
+        _push_plain_tokens(p, sink, lambda: not head, chat_event)
     async for run, deltas in p.batches():
         chunk = skeletons[run.index]
         choice = chunk.choices[0]
@@ -193,7 +206,7 @@ def _echo_text(run: ChoiceRun, p: RequestPipeline) -> str:
 
 
 async def completion_stream(
-    p: RequestPipeline, include_usage: bool, continuous_usage: bool
+    p: RequestPipeline, include_usage: bool, continuous_usage: bool, sink: SseSink | None = None
 ) -> AsyncIterator[bytes]:
     rid, created, model = new_id("cmpl"), int(time.time()), p.model.name
     want_lp = p.prepared.logprobs is not None
@@ -206,6 +219,19 @@ async def completion_stream(
     echoed: set[int] = set()
     single = len(p.runs) == 1
     tail = b""
+    started = False
+    if sink is not None and single and not builders and not continuous_usage:
+        chunk0 = skeletons[p.runs[0].index]
+
+        def completion_event(text: str) -> bytes:
+            choice0 = chunk0.choices[0]
+            choice0.text = text
+            choice0.finish_reason = None
+            choice0.logprobs = None
+            return frame(json_encoder.encode(chunk0))
+
+        # The first delta (with the echo, if asked for) goes through iteration.
+        _push_plain_tokens(p, sink, lambda: started, completion_event)
     async for run, deltas in p.batches():
         out = b""
         for delta in deltas:
@@ -214,6 +240,7 @@ async def completion_stream(
             tail = out  # written with [DONE], as in chat_stream
             continue
         yield out
+        started = True
     end = tail
     if include_usage:
         final = CompletionChunk(rid, "text_completion", created, model, [], usage_of(p))

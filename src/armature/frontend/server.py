@@ -265,12 +265,9 @@ class Frontend(Application):
         include_usage = bool(opts and opts.include_usage)
         continuous = bool(opts and opts.continuous_usage_stats)
         if req.stream:
-            if chat:
-                sink = SseSink()
-                gen = chat_stream(pipeline, include_usage, continuous, sink)
-                return StreamReply(self._guard_stream(pipeline, gen, endpoint), pipeline.cancel, sink)
-            gen = completion_stream(pipeline, include_usage, continuous)
-            return StreamReply(self._guard_stream(pipeline, gen, endpoint), on_disconnect=pipeline.cancel)
+            sink = SseSink()
+            gen = (chat_stream if chat else completion_stream)(pipeline, include_usage, continuous, sink)
+            return StreamReply(self._guard_stream(pipeline, gen, endpoint), pipeline.cancel, sink)
         ok = False
         try:
             payload = await (chat_aggregate if chat else completion_aggregate)(pipeline)

@@ -185,3 +185,17 @@ async def test_models_health_and_metrics(stack: ServedStack) -> None:
     # The stream that ended with [DONE] counts as a success (not as an error or a disconnect).
     ok = f'armature_frontend_requests_total{{endpoint="chat_completions",{label},request_type="stream",status="success"}} 1.0'
     assert ok in text, text
+
+
+async def test_completion_stream_with_echo_matches_the_whole_answer(stack: ServedStack) -> None:
+    c = client(stack)
+    prompt = "One two three"
+    whole = await _greedy_completion(c, prompt, 24)
+    streamed = await c.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True, echo=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    texts = [ch.choices[0].text async for ch in streamed]
+    assert texts[0].startswith(prompt)  # the echo rides with the first token's event
+    assert "".join(texts) == prompt + whole.choices[0].text
+    assert len(texts) == 24  # one event per token
