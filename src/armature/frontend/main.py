@@ -69,7 +69,7 @@ async def serve(args: FrontendArgs, argv: Sequence[str] = ()) -> int:
             return 1
         if group is not None:
             await group.start(server)
-            frontend.metrics_page = group.metrics_page
+            frontend.metrics_page = group.peers.render
         if group is None or group.first:
             scheme = "https" if args.tls_cert_path else "http"
             log.info("frontend listening on %s://%s:%d (router %s%s)", scheme, args.http_host, args.http_port,

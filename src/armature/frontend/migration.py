@@ -109,15 +109,15 @@ class MigratingStream:
             for out in batch:
                 yield out
 
-    def install_push(self, fn: Callable[[LLMEngineOutput], bool]) -> bool:
+    def install_push(self, fn: Callable[[LLMEngineOutput], bool]) -> None:
         """Have the current stream hand outputs to ``fn`` where they arrive (``ResponseStream.on_item``).
 
-        False where it cannot: a router that wraps the stream (the KV router watches its items).
+        Nothing where it cannot: a router that wraps the stream (the KV router watches its items).
         A stream opened after a migration is iterated only.
         """
         stream = self._stream
         if stream is None or not hasattr(stream, "on_item"):
-            return False
+            return
         generated = self._generated
 
         def push(out: LLMEngineOutput) -> bool:
@@ -128,7 +128,6 @@ class MigratingStream:
             return True
 
         stream.on_item = push
-        return True
 
     async def batches(self) -> AsyncIterator[list[LLMEngineOutput]]:
         """The outputs in bursts: each is what had arrived by the time the caller asked.

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,14 +176,12 @@ class SiblingProcesses:
         """(index, exit code) of the processes that have stopped."""
         return [(i + 1, p.returncode) for i, p in enumerate(self.procs) if p.poll() is not None]
 
-    async def watch(self, on_exit: Callable[[int, int], Awaitable[None] | None]) -> None:
+    async def watch(self, on_exit: Callable[[int, int], None]) -> None:
         """Call ``on_exit(index, code)`` once for the first of them that stops on its own."""
         while True:
             gone = self.exited()
             if gone:
-                result = on_exit(*gone[0])
-                if result is not None:
-                    await result
+                on_exit(*gone[0])
                 return
             await asyncio.sleep(0.5)
 
@@ -228,9 +226,6 @@ class FrontendProcesses:
         # Ctrl-C reaches every process of the terminal's group: the first one alone answers it
         # and tells the others (one SIGTERM each), so none is signalled twice.
         return (signal.SIGTERM, signal.SIGINT) if self.first else (signal.SIGTERM,)
-
-    async def metrics_page(self) -> bytes:
-        return await self.peers.render()
 
     async def start(self, server: HttpServer) -> None:
         """Once ``server`` listens: the metrics socket, then (first process) the others."""

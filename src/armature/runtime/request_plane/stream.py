@@ -78,10 +78,7 @@ class ResponseStream:
             if self._items:
                 item = self._items.popleft()
                 if not self._finished:
-                    self._consumed += 1
-                    if self._consumed >= self._credit_every:
-                        self._channel.send_control(self._key, FrameKind.CREDIT, self._consumed)
-                        self._consumed = 0
+                    self._credit(1)
                 return item
             if self._error is not None:
                 error, self._error = self._error, None
@@ -112,10 +109,7 @@ class ResponseStream:
         out = list(items)
         items.clear()
         if not self._finished:
-            self._consumed += len(out)
-            if self._consumed >= self._credit_every:
-                self._channel.send_control(self._key, FrameKind.CREDIT, self._consumed)
-                self._consumed = 0
+            self._credit(len(out))
         return out
 
     def stop(self) -> None:
@@ -151,6 +145,13 @@ class ResponseStream:
     def on_ack(self) -> None:
         self._cancel_timer()
 
+    def _credit(self, consumed: int) -> None:
+        """``consumed`` more items are the caller's: return credit every half window."""
+        self._consumed += consumed
+        if self._consumed >= self._credit_every:
+            self._channel.send_control(self._key, FrameKind.CREDIT, self._consumed)
+            self._consumed = 0
+
     def on_data(self, body: memoryview | bytes) -> None:
         if self._finished:
             return
@@ -175,10 +176,7 @@ class ResponseStream:
                 self.on_error(RequestPlaneError(ErrorKind.CALLER_ERROR, f"the caller failed on an item: {e!r}", False))
                 return
             if taken:
-                self._consumed += 1
-                if self._consumed >= self._credit_every:
-                    self._channel.send_control(self._key, FrameKind.CREDIT, self._consumed)
-                    self._consumed = 0
+                self._credit(1)
                 return
         self._items.append(item)
         if waiter is not None and not waiter.done():
