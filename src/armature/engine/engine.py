@@ -42,11 +42,11 @@ from armature.engine.api import (
     SamplingParams,
 )
 from armature.engine.kv_events import KvEventPublisher
-from armature.protocols.kv_events import EventBatch
 from armature.engine.model_executor import ModelExecutor
 from armature.engine.sampler import Sampler
 from armature.engine.scheduler import Scheduler, SchedulerConfig
 from armature.engine.server_args import KvEventsConfig, ServerArgs
+from armature.protocols.kv_events import EventBatch
 
 if TYPE_CHECKING:
     from armature.engine.disagg.config import DisaggConfig
