@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +76,9 @@ class SglangServerConfig:
     skip_tokenizer_init: bool = False
     chat_template: str | None = None
     disaggregation_mode: str = "null"
-    disaggregation_bootstrap_port: int = 8998
+    # None: the native engine binds a free port itself (and advertises it); the SGLang adapter
+    # reserves one when it starts the engine, after the status server has bound its own.
+    disaggregation_bootstrap_port: int | None = None
     # None: the engine's default (tcp for native, mooncake for sglang).
     disaggregation_transfer_backend: str | None = None
     disaggregation_bootstrap_timeout: float = 300.0
@@ -459,13 +460,6 @@ def _strip_config_flag(argv: list[str]) -> tuple[list[str], str | None]:
 # --- validation -----------------------------------------------------------------------------
 
 
-def reserve_free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now on ``host`` (several workers on one host must not collide)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def parse_endpoint_types(text: str) -> list[ModelType]:
     types: list[ModelType] = []
     for raw in text.split(","):
@@ -608,8 +602,6 @@ def parse_args(argv: Sequence[str], *, prog: str = "python -m armature.sglang") 
 
     if not sgl_vals.get("model_path"):
         sgl_parser.error("the following arguments are required: --model-path")
-    if sgl_vals["disaggregation_bootstrap_port"] is None:
-        sgl_vals["disaggregation_bootstrap_port"] = reserve_free_port()
     if not sgl_vals.get("served_model_name"):
         sgl_vals["served_model_name"] = sgl_vals["model_path"]
     server = SglangServerConfig(**sgl_vals)

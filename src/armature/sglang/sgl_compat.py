@@ -43,6 +43,13 @@ if TYPE_CHECKING:
     from armature.sglang.args import SglangServerConfig
 
 
+def reserve_free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now on ``host`` (several workers on one host must not collide)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def sglang_importable() -> bool:
     return importlib.util.find_spec("sglang") is not None
 
@@ -69,7 +76,9 @@ def server_kwargs(server: SglangServerConfig) -> dict[str, Any]:
         # The frontend tokenizes and detokenizes; SGLang works on token ids only.
         "skip_tokenizer_init": True,
         "disaggregation_mode": server.disaggregation_mode,
-        "disaggregation_bootstrap_port": server.disaggregation_bootstrap_port,
+        # SGLang needs a number; reserving it here, not at parse time, keeps it clear of the
+        # status server's ephemeral port.
+        "disaggregation_bootstrap_port": server.disaggregation_bootstrap_port or reserve_free_port(),
         "disaggregation_transfer_backend": server.disaggregation_transfer_backend,
         "stream_interval": server.stream_interval,
         "disable_radix_cache": server.disable_radix_cache,

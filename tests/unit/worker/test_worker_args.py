@@ -34,7 +34,8 @@ def test_defaults(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.serving_mode is ServingMode.AGGREGATED
     assert cfg.server.tp_size == 1 and cfg.engine == "native"
     assert cfg.resolved_model_path == str(Path(model_dir).resolve())
-    assert cfg.server.disaggregation_bootstrap_port > 0  # a free port reserved per worker
+    # Unset: the engine binds a free port when it starts, so several workers on one host never collide.
+    assert cfg.server.disaggregation_bootstrap_port is None
 
 
 def test_endpoint_inference(model_dir: str) -> None:
@@ -223,7 +224,7 @@ def test_disaggregation_on_the_native_engine(model_dir: str) -> None:
     base = ["--model-path", model_dir, "--engine", "native"]
     cfg = parse_args([*base, "--disaggregation-mode", "prefill"])
     assert cfg.server.disaggregation_transfer_backend == "tcp"
-    assert cfg.endpoint.component == "prefill" and 0 < cfg.server.disaggregation_bootstrap_port < 65536
+    assert cfg.endpoint.component == "prefill" and cfg.server.disaggregation_bootstrap_port is None
     cfg = parse_args([*base, "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "shm",
                       "--disaggregation-bootstrap-timeout", "7.5"])
     assert cfg.server.disaggregation_transfer_backend == "shm" and cfg.server.disaggregation_bootstrap_timeout == 7.5

@@ -101,7 +101,7 @@ async def test_relay_from_zmq_and_load_into_metrics() -> None:
 
 
 async def test_relay_binds_when_the_engine_connects() -> None:
-    from armature.sglang.args import reserve_free_port
+    from armature.sglang.sgl_compat import reserve_free_port
 
     port = reserve_free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
