@@ -6,7 +6,7 @@ Handlers never see a concrete engine: they build a ``GenerateRequest`` with a ca
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
@@ -175,9 +175,13 @@ class Engine(Protocol):
 
     async def start_profile(self) -> None: ...
 
-    async def stop_profile(self) -> None: ...
+    async def stop_profile(self) -> str | None:
+        """The trace's path when the engine writes one."""
+        ...
 
-    async def shutdown(self) -> None: ...
+    def shutdown(self) -> Awaitable[None]:
+        """Stop the engine; await the result (an ``async def`` qualifies)."""
+        ...
 
 
 OutputCallback = Callable[[GenerateOutput], None]

@@ -41,6 +41,7 @@ from armature.engine.api import (
     OutputCallback,
     SamplingParams,
 )
+from armature.engine.embedding import EmbeddingBatcher
 from armature.engine.kv_events import KvEventPublisher
 from armature.engine.model_executor import ModelExecutor
 from armature.engine.sampler import Sampler
@@ -386,7 +387,8 @@ class ThreadedEngine:
     async def start_profile(self) -> None:
         raise EngineError(f"{type(self).__name__} has no profiler")
 
-    async def stop_profile(self) -> None:
+    async def stop_profile(self) -> str | None:
+        """Where the trace was written, if the engine writes one."""
         raise EngineError(f"{type(self).__name__} has no profiler")
 
     def shutdown(self) -> Awaitable[None]:
@@ -513,6 +515,8 @@ class NativeEngine(ThreadedEngine):
             overlap_schedule=_overlap_schedule(args, runner.device, disaggregation is not None),
         )
         self._profiler: torch.profiler.profile | None = None
+        # Shapes of the KV buffers dropped by release_memory, to allocate again on resume.
+        self._released_kv: list[tuple[torch.Size, torch.dtype, torch.device]] | None = None
         self._rid_counter = itertools.count()
         scheduler = Scheduler(sched_cfg, self.executor)
         if disaggregation is not None:
@@ -535,6 +539,15 @@ class NativeEngine(ThreadedEngine):
             kv_events_endpoint=self.publisher.endpoint if self.publisher else None,
             engine_kind="native",
         )
+        self.embeddings = EmbeddingBatcher(
+            self.executor,
+            self.scheduler,
+            self.run_in_loop,
+            token_budget=args.max_prefill_tokens,
+            context_length=runner.context_length,
+            vocab_size=cfg.vocab_size,
+            paused=lambda: self._paused,
+        )
         # Disaggregated prefill/decode: the bootstrap server (prefill) or KV puller (decode).
         self.disagg: DisaggLink | None = None
         if disaggregation is not None:
@@ -542,8 +555,14 @@ class NativeEngine(ThreadedEngine):
 
             self.disagg = DisaggLink.attach(self, disaggregation)
 
+    async def encode(self, req: EncodeRequest) -> EncodeOutput:
+        """The prompt's embedding: its last token's final hidden state, L2-normalised."""
+        return await asyncio.wrap_future(self.embeddings.submit(req))
+
     def shutdown_sync(self) -> None:
         super().shutdown_sync()
+        # Embeddings held while memory was released have no drain coming any more.
+        self.embeddings.fail_pending(EngineError("the engine has been shut down"))
         link = getattr(self, "disagg", None)
         if link is not None:
             link.close()
@@ -611,7 +630,7 @@ class NativeEngine(ThreadedEngine):
             pool.v_buffer = [torch.empty(0, dtype=t.dtype, device=t.device) for t in pool.v_buffer]
 
     def _resume_memory(self, tags: list[str] | None) -> None:
-        released = getattr(self, "_released_kv", None)
+        released = self._released_kv
         if released and (tags is None or "kv_cache" in tags):
             pool = self.runner.kv_pool
             pool.k_buffer = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in released]
@@ -619,6 +638,7 @@ class NativeEngine(ThreadedEngine):
             self._released_kv = None
             self.runner.recapture_graphs()
         super()._resume_memory(tags)
+        self.embeddings.resume()
 
     # --- offline API ---------------------------------------------------------------------
 
@@ -646,7 +666,8 @@ class NativeEngine(ThreadedEngine):
             raise InvalidRequestError("pass exactly one of prompt and input_ids")
         if prompt is not None:
             single = isinstance(prompt, str)
-            token_lists = [self._encode_text(p) for p in ([prompt] if single else prompt)]  # type: ignore[list-item]
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            token_lists = [self._encode_text(p) for p in texts]
         else:
             assert input_ids is not None
             single = bool(input_ids) and isinstance(input_ids[0], int)

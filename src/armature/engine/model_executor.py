@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from armature.engine.forward_batch import ForwardBatch
+from armature.engine.forward_batch import ForwardBatch, ForwardMode
 from armature.engine.host_copy import to_device
 from armature.engine.sampler import Sampler, SamplingRow, token_logprobs
 from armature.engine.scheduler import PLACEHOLDER, PageAllocator, ScheduledBatch, ScheduledSeq, SeqResult
@@ -47,6 +47,12 @@ class ModelExecutor:
     def execute(self, batch: ScheduledBatch) -> list[SeqResult]:
         logits = self.runner.forward(self._forward_batch(batch))
         return self._results(batch, logits)
+
+    def embed(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """Whole prompts (``prefix_len`` 0, pages held by each ``req``) forwarded once: the
+        final-normed hidden state of each one's last token, ``[len(seqs), hidden_size]`` float32."""
+        batch = ScheduledBatch(ForwardMode.EXTEND, seqs, active_pages=0)
+        return self.runner.forward(self._forward_batch(batch), hidden=True)
 
     # --- overlap schedule ------------------------------------------------------------------
 

@@ -210,8 +210,9 @@ class ModelRunner:
     def total_pages(self) -> int:
         return self.kv_pool.total_pages
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits, one row per ``batch.logit_rows()`` entry: ``[rows, vocab]``."""
+    def forward(self, batch: ForwardBatch, hidden: bool = False) -> torch.Tensor:
+        """float32 logits, one row per ``batch.logit_rows()`` entry: ``[rows, vocab]``; with
+        ``hidden``, the final-normed hidden states of those rows: ``[rows, hidden_size]``."""
         longest = max(p + e for p, e in zip(batch.prefix_lens, batch.extend_lens))
         if longest > self.context_length:
             raise ValueError(
@@ -219,7 +220,7 @@ class ModelRunner:
             )
         with torch.inference_mode():
             graphs = self.graphs
-            if graphs is not None and batch.mode is ForwardMode.DECODE and graphs.fits(batch):
+            if graphs is not None and batch.mode is ForwardMode.DECODE and graphs.fits(batch) and not hidden:
                 if not any(batch.return_all_logits):
                     return graphs.replay(batch)
             self.attn_backend.prepare(batch)
@@ -228,6 +229,7 @@ class ModelRunner:
                 batch.positions.to(self.device, non_blocking=True),
                 self.attn_backend,
                 self._logit_rows(batch),
+                hidden,
             )
 
     def _logit_rows(self, batch: ForwardBatch) -> torch.Tensor | None:

@@ -35,6 +35,7 @@ from typing import Protocol
 import torch
 
 from armature.engine.api import (
+    EngineError,
     EngineFinishReason,
     GenerateOutput,
     GenerateRequest,
@@ -366,6 +367,21 @@ class Scheduler:
 
     def _available(self) -> int:
         return self.allocator.free_pages + self.cache.evictable_pages
+
+    @property
+    def room_pages(self) -> int:
+        """Pages that work outside the schedule could borrow now (free or evictable)."""
+        return self._available()
+
+    def borrow_pages(self, n: int) -> list[int]:
+        """``n`` pages for a forward outside the schedule (embeddings), evicting cached prefixes if
+        need be. Running requests keep theirs. Give them back with ``return_pages``."""
+        if n > self._available():
+            raise EngineError(f"the KV pool has room for {self._available()} pages now; {n} are needed")
+        return self._alloc(n)
+
+    def return_pages(self, pages: list[int]) -> None:
+        self.allocator.free(pages)
 
     def _alloc(self, n: int) -> list[int]:
         short = n - self.allocator.free_pages

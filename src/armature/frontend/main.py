@@ -25,8 +25,8 @@ log = logging.getLogger("armature.frontend")
 
 
 def runtime_client_factory(runtime: DistributedRuntime):  # noqa: ANN201 - ClientFactory
-    async def factory(path: str) -> EndpointClient:
-        return await runtime.endpoint(path).client(LLMEngineOutput)
+    async def factory(path: str, response_type: type = LLMEngineOutput) -> EndpointClient:
+        return await runtime.endpoint(path).client(response_type)
 
     return factory
 

@@ -18,7 +18,9 @@ import msgspec
 
 from armature.frontend.preprocess import Preprocessor
 from armature.frontend.tokenizer import ModelTokenizer, TokenizerLoadError
-from armature.protocols.model_card import ModelCard
+from armature.protocols.embedding import EmbeddingResponse
+from armature.protocols.llm import LLMEngineOutput
+from armature.protocols.model_card import ModelCard, ModelType
 from armature.router.kv_push import KvPushRouter
 from armature.router.prefill import DisaggRouter, PrefillRegistry, is_prefill_card
 from armature.router.push import EndpointClient, PushRouter, RouterMode
@@ -89,7 +91,12 @@ class DiscoveryModelSource:
             yield ModelEvent(ev.key, card)
 
 
-ClientFactory = Callable[[str], Awaitable[EndpointClient]]
+class ClientFactory(Protocol):
+    """A client of the endpoint at ``path`` whose replies decode as ``response_type``."""
+
+    def __call__(self, path: str, response_type: type = LLMEngineOutput, /) -> Awaitable[EndpointClient]: ...
+
+
 Router = PushRouter | KvPushRouter | DisaggRouter
 # Builds the router of a newly served model (KV mode needs the card's block size and endpoint).
 RouterFactory = Callable[[ModelCard, EndpointClient], Awaitable[Router]]
@@ -106,6 +113,9 @@ class ServedModel:
 
     def has_instances(self) -> bool:
         return bool(self.router.instance_ids())
+
+    def serves(self, model_type: ModelType) -> bool:
+        return model_type in self.card.model_types
 
 
 class ModelManager:
@@ -129,7 +139,7 @@ class ModelManager:
         self._block_size = kv_cache_block_size
         self._models: dict[str, ServedModel] = {}
         self._name_by_key: dict[str, str] = {}
-        self._clients: dict[str, EndpointClient] = {}
+        self._clients: dict[tuple[str, type], EndpointClient] = {}
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Future[None]] = set()
         self.changed = asyncio.Event()
@@ -185,16 +195,19 @@ class ModelManager:
         except TokenizerLoadError as exc:
             log.error("cannot serve model %r: %s", card.name, exc)
             return
-        client = self._clients.get(card.endpoint)
-        if client is None:
-            client = await self._client_factory(card.endpoint)
-            self._clients[card.endpoint] = client
         limit = self._migration_limit if self._migration_limit > 0 else card.migration_limit
-        if self._router_factory is not None:
-            router: Router = await self._router_factory(card, client)
+        router: Router
+        if ModelType.EMBEDDING in card.model_types:
+            # No KV reuse to route by and no prefill phase: spread embeddings over the workers.
+            mode = RouterMode.ROUND_ROBIN if self._router_mode in (RouterMode.KV, RouterMode.DIRECT) else self._router_mode
+            router = PushRouter(await self._client(card.endpoint, EmbeddingResponse), mode)
         else:
-            router = PushRouter(client, self._router_mode)
-        router = self.prefill.wrap(card.name, router)
+            client = await self._client(card.endpoint, LLMEngineOutput)
+            if self._router_factory is not None:
+                router = await self._router_factory(card, client)
+            else:
+                router = PushRouter(client, self._router_mode)
+            router = self.prefill.wrap(card.name, router)
         model = ServedModel(
             name=card.name,
             card=card,
@@ -206,6 +219,13 @@ class ModelManager:
         self._models[card.name] = model
         self._name_by_key[key] = card.name
         log.info("serving model %r from %s (context %d)", card.name, card.endpoint, card.context_length)
+
+    async def _client(self, endpoint: str, response_type: type) -> EndpointClient:
+        key = (endpoint, response_type)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = await self._client_factory(endpoint, response_type)
+        return client
 
     def _remove(self, key: str) -> None:
         if self.prefill.remove(key):

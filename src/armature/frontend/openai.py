@@ -127,7 +127,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
 
 PromptItem = str | Annotated[int, Meta(ge=0, le=2**31 - 1)] | list[Annotated[int, Meta(ge=0, le=2**31 - 1)]]
-_PROMPT_SCHEMA: dict[str, Any] = {
+PROMPT_SCHEMA: dict[str, Any] = {
     "anyOf": [
         {"type": "string"},
         {"type": "array", "items": {"type": "string"}, "minItems": 1},
@@ -148,7 +148,7 @@ _PROMPT_SCHEMA: dict[str, Any] = {
 class CompletionRequest(_SamplingFields, kw_only=True):
     # One prompt (string or token ids) or a batch of them; mixed batches are refused by the
     # preprocessor. The published schema lists the four accepted shapes exactly.
-    prompt: Annotated[str | list[PromptItem], Meta(extra_json_schema=_PROMPT_SCHEMA)]
+    prompt: Annotated[str | list[PromptItem], Meta(extra_json_schema=PROMPT_SCHEMA)]
     max_tokens: PositiveInt | None = 16
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     echo: bool = False

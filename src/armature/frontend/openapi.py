@@ -7,8 +7,9 @@ from typing import Any
 
 import msgspec
 
+from armature.frontend.embeddings import EmbeddingCreateRequest, EmbeddingList
 from armature.frontend.openai import (
-    _PROMPT_SCHEMA,
+    PROMPT_SCHEMA,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -37,7 +38,10 @@ def _error_responses(*codes: int) -> dict[str, Any]:
     }
 
 
-def _post(request: str, response: str, summary: str) -> dict[str, Any]:
+def _post(request: str, response: str, summary: str, stream: bool = True) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": _REF.format(name=response)}}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string"}}
     return {
         "post": {
             "summary": summary,
@@ -47,11 +51,8 @@ def _post(request: str, response: str, summary: str) -> dict[str, Any]:
             },
             "responses": {
                 "200": {
-                    "description": "The completion, or an SSE stream of chunks when stream=true",
-                    "content": {
-                        "application/json": {"schema": {"$ref": _REF.format(name=response)}},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
+                    "description": "The completion, or an SSE stream of chunks when stream=true" if stream else "OK",
+                    "content": content,
                 },
                 **_error_responses(400, 401, 404, 413, 503),
             },
@@ -72,12 +73,14 @@ def _get(summary: str, content: dict[str, Any], extra: tuple[int, ...] = ()) -> 
 def openapi_document(models: tuple[str, ...] = ()) -> bytes:
     """The document; ``models`` (the names served now) become the examples of ``model``."""
     _, components = msgspec.json.schema_components(
-        [ChatCompletionRequest, CompletionRequest, ChatCompletion, Completion, ModelList, ErrorResponse],
+        [ChatCompletionRequest, CompletionRequest, EmbeddingCreateRequest, ChatCompletion, Completion, EmbeddingList,
+         ModelList, ErrorResponse],
         ref_template=_REF,
-    )
-    components["CompletionRequest"]["properties"]["prompt"] = _PROMPT_SCHEMA
+    )  # fmt: skip
+    components["CompletionRequest"]["properties"]["prompt"] = PROMPT_SCHEMA
+    components["EmbeddingCreateRequest"]["properties"]["input"] = PROMPT_SCHEMA
     if models:
-        for name in ("ChatCompletionRequest", "CompletionRequest"):
+        for name in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingCreateRequest"):
             components[name]["properties"]["model"]["examples"] = list(models)
     status = {"application/json": {"schema": {"type": "object"}}}
     doc = {
@@ -86,6 +89,7 @@ def openapi_document(models: tuple[str, ...] = ()) -> bytes:
         "paths": {
             "/v1/chat/completions": _post("ChatCompletionRequest", "ChatCompletion", "Chat completion"),
             "/v1/completions": _post("CompletionRequest", "Completion", "Text completion"),
+            "/v1/embeddings": _post("EmbeddingCreateRequest", "EmbeddingList", "Embeddings", stream=False),
             "/v1/models": _get(
                 "Served models", {"application/json": {"schema": {"$ref": _REF.format(name="ModelList")}}}, (401,)
             ),

@@ -166,16 +166,31 @@ class Preprocessor:
         return self._build(req, [PreparedPrompt(ids, text)], max_tokens, logprobs, prompt_logprobs=None, echo=False)
 
     async def completion(self, req: CompletionRequest) -> PreparedRequest:
-        prompts = await self._completion_prompts(req.prompt)
+        prompts = await self._prompts(req.prompt, "prompt")
         prompt_logprobs = req.logprobs if (req.echo and req.logprobs is not None) else None
         return self._build(req, prompts, req.max_tokens, req.logprobs, prompt_logprobs, echo=req.echo)
 
-    async def _completion_prompts(self, prompt: str | list[Any]) -> list[PreparedPrompt]:
+    async def embedding_inputs(self, value: str | list[Any]) -> list[list[int]]:
+        """``/v1/embeddings``' ``input`` as token ids, each within the model's context."""
+        limit = self.card.context_length
+        out = []
+        for i, p in enumerate(await self._prompts(value, "input")):
+            if len(p.token_ids) > limit:
+                raise ApiError(
+                    400,
+                    f"input {i} has {len(p.token_ids)} tokens; model '{self.card.name}' takes at most {limit}",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+            out.append(p.token_ids)
+        return out
+
+    async def _prompts(self, prompt: str | list[Any], param: str) -> list[PreparedPrompt]:
         if isinstance(prompt, str):
             texts: list[str] | None = [prompt]
             id_lists: list[list[int]] | None = None
         elif not prompt:
-            raise ApiError(400, "prompt must not be empty", param="prompt")
+            raise ApiError(400, f"{param} must not be empty", param=param)
         elif all(isinstance(p, str) for p in prompt):
             texts, id_lists = list(prompt), None
         elif all(isinstance(p, int) for p in prompt):
@@ -185,25 +200,26 @@ class Preprocessor:
         else:
             raise ApiError(
                 400,
-                "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
-                param="prompt",
+                f"{param} must be a string, a list of strings, a list of token ids or a list of token-id lists",
+                param=param,
             )
         if texts is not None:
-            out = []
-            for text in texts:
-                ids = await _encode(self.tokenizer, text, add_special_tokens=True)
-                if not ids:
-                    raise ApiError(400, "prompt must not be empty", param="prompt")
-                out.append(PreparedPrompt(ids, text))
-            return out
+            if len(texts) == 1:
+                encoded = [await _encode(self.tokenizer, texts[0], add_special_tokens=True)]
+            else:
+                # A batch (embeddings often send hundreds): one call, tokenized in parallel, off the loop.
+                encoded = await asyncio.to_thread(self.tokenizer.encode_batch, texts, True)
+            if not all(encoded):
+                raise ApiError(400, f"{param} must not be empty", param=param)
+            return [PreparedPrompt(ids, text) for ids, text in zip(encoded, texts, strict=True)]
         assert id_lists is not None
         vocab = self.tokenizer.vocab_size
         for ids in id_lists:
             if not ids:
-                raise ApiError(400, "a token-id prompt must not be empty", param="prompt")
+                raise ApiError(400, f"a token-id {param} must not be empty", param=param)
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
-                raise ApiError(400, f"token id {bad} is out of the vocabulary (size {vocab})", param="prompt")
+                raise ApiError(400, f"token id {bad} is out of the vocabulary (size {vocab})", param=param)
         return [PreparedPrompt(ids, None) for ids in id_lists]
 
     def _build(

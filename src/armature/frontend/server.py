@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from armature.frontend.embeddings import create_embeddings, embedding_request_decoder
 from armature.frontend.errors import ApiError, from_decode_error
 from armature.frontend.http_server import Application, HttpRequest, Reply, SseSink, StreamReply
 from armature.frontend.metrics import CONTENT_TYPE, FrontendMetrics
@@ -37,6 +38,7 @@ from armature.frontend.pipeline import RequestPipeline
 from armature.frontend.postprocess import EngineStreamError
 from armature.frontend.response import chat_aggregate, chat_stream, completion_aggregate, completion_stream
 from armature.frontend.sse import frame
+from armature.protocols.model_card import ModelType
 from armature.router.push import DirectTargetError, NoInstancesError, RouterMode
 from armature.runtime.context import Context
 from armature.runtime.request_plane.base import RequestPlaneError
@@ -44,6 +46,11 @@ from armature.runtime.request_plane.base import RequestPlaneError
 log = logging.getLogger(__name__)
 
 DEFAULT_BODY_LIMIT = 16 * 1024 * 1024
+_ROUTE_OF = {
+    ModelType.CHAT: "/v1/chat/completions",
+    ModelType.COMPLETIONS: "/v1/completions",
+    ModelType.EMBEDDING: "/v1/embeddings",
+}
 
 
 @dataclass
@@ -120,6 +127,7 @@ class Frontend(Application):
         self._routes: dict[str, dict[str, Route]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
+            "/v1/embeddings": {"POST": self._embeddings},
             "/v1/models": {"GET": self._list_models},
             "/health": {"GET": self._health},
             "/live": {"GET": self._live},
@@ -203,7 +211,7 @@ class Frontend(Application):
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
 
-    def _model(self, name: str) -> ServedModel:
+    def _model(self, name: str, model_type: ModelType) -> ServedModel:
         if self.draining:
             raise ApiError(503, "the frontend is shutting down", code="draining")
         model = self.models.get(name)
@@ -212,6 +220,12 @@ class Frontend(Application):
         if model is None:
             known = ", ".join(sorted(m.name for m in self.models.models())) or "none"
             raise ApiError(404, f"model '{name}' not found (served: {known})", param="model", code="model_not_found")
+        if not model.serves(model_type):
+            served = ", ".join(t.value for t in model.card.model_types)
+            raise ApiError(
+                400, f"model '{name}' does not serve {_ROUTE_OF[model_type]} (it serves: {served})",
+                param="model", code="model_not_supported",
+            )  # fmt: skip
         if not model.has_instances():
             raise ApiError(503, f"no worker is serving model '{name}' right now", code="no_workers")
         return model
@@ -244,7 +258,7 @@ class Frontend(Application):
             req: ChatCompletionRequest | CompletionRequest = decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise from_decode_error(exc) from None
-        model = self._model(req.model)
+        model = self._model(req.model, ModelType.CHAT if chat else ModelType.COMPLETIONS)
         pre = model.preprocessor
         if isinstance(req, ChatCompletionRequest):
             prepared = await pre.chat(req)
@@ -284,6 +298,38 @@ class Frontend(Application):
             pipeline.cancel()
             self._leave(model.name)
             pipeline.record_end(ok, endpoint, False)
+
+    async def _embeddings(self, request: HttpRequest) -> Reply:
+        started = time.monotonic()
+        self._check_auth(request)
+        try:
+            req = embedding_request_decoder.decode(request.body)
+        except msgspec.DecodeError as exc:
+            raise from_decode_error(exc) from None
+        model = self._model(req.model, ModelType.EMBEDDING)
+        context = Context()
+        self._enter(model.name)
+        ok = False
+        prompt_tokens = 0
+        try:
+            body, prompt_tokens = await create_embeddings(model, req, context)
+            ok = True
+            return Reply(200, body)
+        except asyncio.CancelledError:
+            self.metrics.disconnects.labels(model.name).inc()
+            raise
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise _engine_failure(exc) from exc
+        finally:
+            # Whatever still runs (the client went away, an error) is cancelled on the worker.
+            context.kill()
+            self._leave(model.name)
+            m = self.metrics
+            m.requests.labels(model.name, "embeddings", "unary", "success" if ok else "error").inc()
+            m.isl.labels(model.name).observe(prompt_tokens)
+            m.duration.labels(model.name).observe(time.monotonic() - started)
 
     async def _guard_stream(self, pipeline: RequestPipeline, gen: Any, endpoint: str) -> Any:
         ok = False

@@ -531,6 +531,10 @@ def _validate(dynamo: DynamoConfig, server: SglangServerConfig, engine: str) -> 
         )
     if engine != "sglang" and server.dp_size != 1:
         raise ConfigError(f"--dp-size {server.dp_size}: the {engine} engine supports only --dp-size 1")
+    if dynamo.embedding_worker and engine == "mocker":
+        raise ConfigError("--embedding-worker needs a real model: use --engine native or sglang, not mocker")
+    if dynamo.embedding_worker and server.disaggregation_mode != "null":
+        raise ConfigError("--embedding-worker embeds whole inputs in one pass; it takes no --disaggregation-mode")
     if engine == "mocker" and server.disaggregation_mode != "null":
         raise ConfigError(
             f"--disaggregation-mode {server.disaggregation_mode} is not supported by the mocker engine "

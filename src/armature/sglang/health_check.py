@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from armature.protocols.embedding import EmbeddingRequest
 from armature.protocols.llm import PreprocessedRequest, SamplingOptions, StopConditions
 
 ENV_PAYLOAD = "DYN_HEALTH_CHECK_PAYLOAD"
@@ -63,3 +64,13 @@ def decode_payload(model: str, bos_token_id: int | None) -> dict[str, Any]:
         override.setdefault("model", model)
         return override
     return msgspec.to_builtins(decode_request(model, bos_token_id))
+
+
+def embedding_payload(model: str, bos_token_id: int | None) -> dict[str, Any]:
+    """An embedding worker's canary: the BOS token embedded (env override applied)."""
+    override = _env_override()
+    if override is not None:
+        override.setdefault("model", model)
+        return override
+    bos = bos_token_id if bos_token_id is not None else FALLBACK_BOS
+    return msgspec.to_builtins(EmbeddingRequest(model=model, token_ids=[[bos]]))

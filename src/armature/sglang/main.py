@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from armature.engine.api import Engine
+from armature.protocols.embedding import EmbeddingRequest
 from armature.protocols.llm import PreprocessedRequest
 from armature.router.kv.messages import EventRangeQuery
 from armature.runtime.runtime import DistributedRuntime, Endpoint, RuntimeSettings
@@ -27,14 +28,17 @@ from armature.sglang.disagg_metrics import register_disagg_metrics
 from armature.sglang.engines import create_engine
 from armature.sglang.event_sink import WorkerEventSink, create_event_sink
 from armature.sglang.handlers.decode import DecodeWorkerHandler
+from armature.sglang.handlers.embedding import EmbeddingWorkerHandler
 from armature.sglang.handlers.kv_query import QUERY_ENDPOINT, SNAPSHOT_ENDPOINT, KvQueryHandler
 from armature.sglang.handlers.prefill import PrefillWorkerHandler, warm_up
-from armature.sglang.health_check import decode_payload
+from armature.sglang.health_check import decode_payload, embedding_payload
 from armature.sglang.logs import configure_logging
 from armature.sglang.publisher import KV_EVENTS_TOPIC, LOAD_TOPIC, WorkerPublisher
 from armature.sglang.register import RegistrationError, build_model_card, register_with_readiness_gate
 
 log = logging.getLogger("armature.sglang")
+
+WorkerHandler = DecodeWorkerHandler | PrefillWorkerHandler | EmbeddingWorkerHandler
 
 
 def runtime_settings(config: WorkerConfig) -> RuntimeSettings:
@@ -54,7 +58,7 @@ class RunningWorker:
     config: WorkerConfig
     engine: Engine
     endpoint: Endpoint
-    handler: DecodeWorkerHandler | PrefillWorkerHandler
+    handler: WorkerHandler
     publisher: WorkerPublisher
     events: WorkerEventSink
 
@@ -85,8 +89,8 @@ def register_engine_routes(runtime: DistributedRuntime, engine: Engine, endpoint
         return {"status": "ok"}
 
     async def stop_profile(body: dict[str, Any]) -> dict[str, Any]:
-        await engine.stop_profile()
-        return {"status": "ok"}
+        path = await engine.stop_profile()
+        return {"status": "ok", **({"path": path} if path else {})}
 
     async def release_memory(body: dict[str, Any]) -> dict[str, Any]:
         # Leave discovery first so no new request lands on a worker without memory.
@@ -129,12 +133,12 @@ async def serve_kv_queries(runtime: DistributedRuntime, config: WorkerConfig, pu
 
 async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine: Engine) -> RunningWorker:
     """Handler, publisher, serve, register. Raises ``RegistrationError`` if the card cannot be published."""
-    if config.dynamo.embedding_worker:
-        raise ConfigError("embedding workers (--embedding-worker) are not supported yet; this worker generates")
     endpoint = runtime.endpoint(str(config.endpoint))
     ready = asyncio.Event()
-    handler: DecodeWorkerHandler | PrefillWorkerHandler
-    if config.serving_mode is ServingMode.PREFILL:
+    handler: WorkerHandler
+    if config.dynamo.embedding_worker:
+        handler = EmbeddingWorkerHandler(engine, ready, asyncio.Event())
+    elif config.serving_mode is ServingMode.PREFILL:
         handler = PrefillWorkerHandler(engine, ready, asyncio.Event())
     else:
         handler = DecodeWorkerHandler(engine, ready, asyncio.Event())
@@ -158,12 +162,15 @@ async def start_worker(runtime: DistributedRuntime, config: WorkerConfig, engine
     worker = RunningWorker(config, engine, endpoint, handler, publisher, events)
     try:
         card = build_model_card(config, engine.info)
-        payload = decode_payload(config.server.served_model_name, engine.info.bos_token_id)
+        embedding = isinstance(handler, EmbeddingWorkerHandler)
+        payload = (embedding_payload if embedding else decode_payload)(
+            config.server.served_model_name, engine.info.bos_token_id
+        )
         await endpoint.start_serving(
             handler.generate,
             graceful_shutdown=True,
             health_check_payload=payload,
-            request_type=PreprocessedRequest,
+            request_type=EmbeddingRequest if embedding else PreprocessedRequest,
             # Engines that can call back (native, mocker): no task wake-up per token.
             push_handler=handler.generate_push if isinstance(handler, DecodeWorkerHandler) and handler.can_push else None,
         )

@@ -132,13 +132,14 @@ async def test_control_calls(engine, tiny_llama_path: Path) -> None:  # type: ig
     pending = asyncio.ensure_future(
         drain(engine, GenerateRequest("queued", prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
     )
+    embedding = asyncio.ensure_future(engine.encode(EncodeRequest("e", [1, 2, 3])))
     await asyncio.sleep(0.2)
     assert not pending.done() and engine.load_metrics().num_waiting_reqs == 1
+    assert not embedding.done()
     await engine.resume_memory()
     outs = await pending
     assert [t for o in outs for t in o.token_ids] == before["output_ids"]
-    with pytest.raises(EngineError, match="embeddings"):
-        await engine.encode(EncodeRequest("e", [1, 2, 3]))
+    assert len((await embedding).embedding) == engine.runner.model_config.hidden_size
 
 
 def test_server_args_are_validated() -> None:

@@ -69,9 +69,11 @@ async def start_worker_in_process(state: MemoryState, model_path: Path, *extra: 
 
 
 @contextlib.asynccontextmanager
-async def served_stack(model_path: Path, config: FrontendConfig | None = None) -> AsyncIterator[ServedStack]:
+async def served_stack(
+    model_path: Path, config: FrontendConfig | None = None, worker_flags: tuple[str, ...] = ()
+) -> AsyncIterator[ServedStack]:
     state = MemoryState()
-    wrt, engine, worker = await start_worker_in_process(state, model_path)
+    wrt, engine, worker = await start_worker_in_process(state, model_path, *worker_flags)
     frt = DistributedRuntime(MemoryStore(state))
     await frt.start()
     frontend = Frontend(DiscoveryModelSource(frt.discovery), runtime_client_factory(frt), config)

@@ -88,11 +88,13 @@ class LlamaModel:
         positions: torch.Tensor,
         attn: AttentionBackend,
         logit_rows: torch.Tensor | None,
+        hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits (float32) of ``logit_rows`` (all rows when None) of the packed tokens."""
+        """Logits (float32) of ``logit_rows`` (all rows when None) of the packed tokens; with
+        ``hidden``, their final-normed hidden states instead (what embedding models pool)."""
         cfg = self.config
         if self.fused_ops:
-            return self._forward_fused(input_ids, positions, attn, logit_rows)
+            return self._forward_fused(input_ids, positions, attn, logit_rows, hidden)
         t = input_ids.shape[0]
         eps = self.eps
         hidden_dim = (cfg.hidden_size,)
@@ -122,7 +124,7 @@ class LlamaModel:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate).mul_(up)
             h.addmm_(act, layer.down.t())
-        return self._logits(h, logit_rows)
+        return self._logits(h, logit_rows, hidden)
 
     def _forward_fused(
         self,
@@ -130,6 +132,7 @@ class LlamaModel:
         positions: torch.Tensor,
         attn: AttentionBackend,
         logit_rows: torch.Tensor | None,
+        hidden: bool,
     ) -> torch.Tensor:
         from armature.engine.models import triton_ops as ops
 
@@ -155,12 +158,12 @@ class LlamaModel:
         if logit_rows is not None:
             h = h[logit_rows]
         x = ops.rms_norm(h, self.norm, eps)
-        return F.linear(x, self.lm_head).float()
+        return x.float() if hidden else F.linear(x, self.lm_head).float()
 
-    def _logits(self, h: torch.Tensor, logit_rows: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, logit_rows: torch.Tensor | None, hidden: bool = False) -> torch.Tensor:
         eps = self.eps
         hidden_dim = (self.config.hidden_size,)
         if logit_rows is not None:
             h = h[logit_rows]
         h = F.rms_norm(h, hidden_dim, self.norm, eps)
-        return F.linear(h, self.lm_head).float()
+        return h.float() if hidden else F.linear(h, self.lm_head).float()

@@ -1,0 +1,21 @@
+"""Embedding requests between the frontend and an embedding worker (``--embedding-worker``).
+
+The frontend tokenizes every input, so the worker sees token ids only, as it does for
+generation. Vectors travel as raw little-endian float32: a quarter of the size of msgpack
+floats, and exactly the bytes OpenAI's ``encoding_format: "base64"`` carries.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    model: str
+    token_ids: list[list[int]]  # one id list per input, in the client's order
+    dimensions: int | None = None  # must equal the model's width when given
+
+
+class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    embeddings: list[bytes]  # float32 little-endian, one vector per input, in order
+    prompt_tokens: int
