@@ -138,11 +138,17 @@ class EmbeddingBatcher:
                 start += count
                 r = Req(rid=req.rid, input_ids=req.input_ids, sampling=SamplingParams(), stop_ids=frozenset())
                 r.pages = owned
-                seqs.append(ScheduledSeq(r, prefix_len=0, extend_len=len(req.input_ids), sample=True, prompt_logprobs=False))
+                seqs.append(
+                    ScheduledSeq(
+                        r, prefix_len=0, extend_len=len(req.input_ids), sample=True, prompt_logprobs=False
+                    )
+                )
             vectors = F.normalize(self._executor.embed(seqs), dim=-1).cpu()
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, not the engine
             for _, fut in group:
-                fut.set_exception(exc if isinstance(exc, EngineError) else EngineError(f"embedding forward failed: {exc!r}"))
+                fut.set_exception(
+                    exc if isinstance(exc, EngineError) else EngineError(f"embedding forward failed: {exc!r}")
+                )
             return
         finally:
             self._scheduler.return_pages(pages)

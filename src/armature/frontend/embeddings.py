@@ -88,14 +88,18 @@ async def _ask(model: ServedModel, request: EmbeddingRequest, context: Context) 
         return answer
 
 
-async def create_embeddings(model: ServedModel, req: EmbeddingCreateRequest, context: Context) -> tuple[bytes, int]:
+async def create_embeddings(
+    model: ServedModel, req: EmbeddingCreateRequest, context: Context
+) -> tuple[bytes, int]:
     """The response body and the number of prompt tokens."""
     token_ids = await model.preprocessor.embedding_inputs(req.input)
     wire = EmbeddingRequest(model=model.name, token_ids=token_ids, dimensions=req.dimensions)
     answer = await _ask(model, wire, context)
     if len(answer.embeddings) != len(token_ids):
         raise ApiError(
-            500, f"the worker returned {len(answer.embeddings)} embeddings for {len(token_ids)} inputs", code="engine_error"
+            500,
+            f"the worker returned {len(answer.embeddings)} embeddings for {len(token_ids)} inputs",
+            code="engine_error",
         )
     as_base64 = req.encoding_format == "base64"
     data = [

@@ -13,7 +13,6 @@ from armature.engine.api import (
 )
 from armature.engine.api import (
     EncodeRequest,
-    EngineError,
     EngineFinishReason,
     GenerateRequest,
     InvalidRequestError,

@@ -12,7 +12,13 @@ import torch
 import transformers
 
 from armature.engine import Engine
-from armature.engine.api import EncodeRequest, EngineError, GenerateRequest, InvalidRequestError, SamplingParams
+from armature.engine.api import (
+    EncodeRequest,
+    EngineError,
+    GenerateRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
 
 PROMPTS = [[5, 6, 7], list(range(100, 140)), [9] * 70, [42]]
 
@@ -20,12 +26,17 @@ PROMPTS = [[5, 6, 7], list(range(100, 140)), [9] * 70, [42]]
 def reference(model_path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
     hf = transformers.AutoModel.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     with torch.no_grad():
-        return [torch.nn.functional.normalize(hf(torch.tensor([p])).last_hidden_state[0, -1], dim=-1) for p in prompts]
+        return [
+            torch.nn.functional.normalize(hf(torch.tensor([p])).last_hidden_state[0, -1], dim=-1)
+            for p in prompts
+        ]
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_path: Path) -> Iterator[Engine]:
-    eng = Engine(model_path=str(tiny_llama_path), max_total_tokens=2048, context_length=256, skip_tokenizer_init=True)
+    eng = Engine(
+        model_path=str(tiny_llama_path), max_total_tokens=2048, context_length=256, skip_tokenizer_init=True
+    )
     yield eng
     eng.shutdown()
 
@@ -41,7 +52,9 @@ async def test_embeddings_match_transformers(model: str, request: pytest.Fixture
     eng = Engine(model_path=str(path), max_total_tokens=1024, skip_tokenizer_init=True)
     try:
         # Sent together, so they share forwards; the answers must not depend on the company.
-        together = await asyncio.gather(*(eng.encode(EncodeRequest(f"r{i}", p)) for i, p in enumerate(PROMPTS)))
+        together = await asyncio.gather(
+            *(eng.encode(EncodeRequest(f"r{i}", p)) for i, p in enumerate(PROMPTS))
+        )
         alone = [await eng.encode(EncodeRequest(f"a{i}", p)) for i, p in enumerate(PROMPTS)]
     finally:
         await eng.shutdown()
@@ -61,10 +74,17 @@ async def test_many_callers_are_answered_and_nothing_is_kept(engine: Engine) -> 
     assert [o.prompt_tokens for o in outs] == [len(p) for p in prompts]
     # Same input, same vector, whoever else was in the batch.
     again = await engine.encode(EncodeRequest("again", prompts[17]))
-    torch.testing.assert_close(torch.tensor(again.embedding), torch.tensor(outs[17].embedding), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(again.embedding), torch.tensor(outs[17].embedding), atol=1e-6, rtol=0
+    )
     # Embeddings borrow pages and give them all back; they never fill the prefix cache.
     assert free_everywhere(engine)
-    first = [o async for o in engine.generate_stream(GenerateRequest("g", prompts[40], SamplingParams(max_new_tokens=1)))]
+    first = [
+        o
+        async for o in engine.generate_stream(
+            GenerateRequest("g", prompts[40], SamplingParams(max_new_tokens=1))
+        )
+    ]
     assert first[-1].cached_tokens == 0
 
 

@@ -61,7 +61,9 @@ async def test_sdk_embeddings_match_transformers(embed_stack: ServedStack, tiny_
 
 async def test_wire_format_and_concurrent_callers(embed_stack: ServedStack) -> None:
     async with httpx.AsyncClient(base_url=embed_stack.v1, timeout=60) as http:
-        r = await http.post("/embeddings", json={"model": MODEL, "input": "hello", "encoding_format": "base64"})
+        r = await http.post(
+            "/embeddings", json={"model": MODEL, "input": "hello", "encoding_format": "base64"}
+        )
         assert r.status_code == 200
         body = r.json()
         assert body["object"] == "list" and body["data"][0]["object"] == "embedding"
@@ -77,7 +79,11 @@ async def test_wire_format_and_concurrent_callers(embed_stack: ServedStack) -> N
         for i, v in enumerate(vectors):
             np.testing.assert_allclose(v, vectors[i % 4], atol=1e-6)
         metrics = (await http.get(embed_stack.base_url + "/metrics")).text
-    line = next(x for x in metrics.splitlines() if x.startswith("armature_frontend_requests_total") and "embeddings" in x)
+    line = next(
+        x
+        for x in metrics.splitlines()
+        if x.startswith("armature_frontend_requests_total") and "embeddings" in x
+    )
     assert 'status="success"' in line and line.endswith(" 33.0")
     # Every page borrowed for those forwards is back; the prefix cache holds nothing of them.
     sched = embed_stack.engine.scheduler
@@ -103,7 +109,9 @@ async def test_bad_requests_get_openai_errors(embed_stack: ServedStack) -> None:
         assert status == 400 and "64 dimensions" in str(err["message"])
         status, err = await error({"model": "nope", "input": "x"})
         assert status == 404 and err["code"] == "model_not_found"
-        status, err = await error({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, "/chat/completions")
+        status, err = await error(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, "/chat/completions"
+        )
         assert status == 400 and err["code"] == "model_not_supported"
         # Still serving after all of that.
         ok = await http.post("/embeddings", json={"model": MODEL, "input": "fine"})
