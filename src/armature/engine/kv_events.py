@@ -37,14 +37,14 @@ class KvEventPublisher:
         self.dropped = 0
         self._seq = 0
         self._queue: queue.Queue[EventBatch | None] = queue.Queue(maxsize=config.max_queue_size)
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, config.hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         if endpoint_binds(config.endpoint):
             self._sock.bind(config.endpoint)
             # A wildcard port (tcp://127.0.0.1:*) resolves at bind: report the real one.
-            self.endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self._sock.connect(config.endpoint)
         self._topic = config.topic.encode()

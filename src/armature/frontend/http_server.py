@@ -541,7 +541,7 @@ class HttpServer:
         if not self.started:
             await self.start()
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if install_signal_handlers:
             for sig in signals:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

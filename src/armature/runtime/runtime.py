@@ -393,8 +393,8 @@ class DistributedRuntime:
                 idle = asyncio.ensure_future(self.dispatcher.wait_idle(grace))
                 cut = asyncio.ensure_future(self._grace_cut.wait())
                 await asyncio.wait((idle, cut), return_when=asyncio.FIRST_COMPLETED)
-                for task in (idle, cut):
-                    task.cancel()
+                for waiter in (idle, cut):
+                    waiter.cancel()
             # 3. Whatever still runs ends with a migratable engine_shutdown error.
             if self.dispatcher.streams:
                 log.info("shutdown: ending %d stream(s) with engine_shutdown", len(self.dispatcher.streams))

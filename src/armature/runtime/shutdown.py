@@ -20,7 +20,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVarTuple
 
 if TYPE_CHECKING:
     from armature.runtime.runtime import DistributedRuntime
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OWNED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 Deferred = Callable[[], Any]
+_Ts = TypeVarTuple("_Ts")
 
 
 class GracefulShutdown:
@@ -83,9 +84,9 @@ class GracefulShutdown:
         # The interpreter's own defaults are not "theirs": SIG_DFL would kill us, and the default
         # SIGINT handler would raise KeyboardInterrupt after a clean shutdown.
         if callable(handler) and handler is not signal.default_int_handler and handler != self._on_signal:
-            self.deferred[sig].append(lambda h=handler, s=sig: h(s, None))
+            self.deferred[sig].append(lambda: handler(sig, None))
 
-    def _add_signal_handler(self, sig: int, callback: Callable[..., Any], *args: Any) -> None:
+    def _add_signal_handler(self, sig: int, callback: Callable[[*_Ts], object], *args: *_Ts) -> None:
         if sig in self.deferred:
             log.info("deferring a loop handler for %s until the graceful shutdown is done", signal.Signals(sig).name)
             self.deferred[sig].append(lambda: callback(*args))

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -333,7 +333,7 @@ class EtcdStore(KeyValueStore):
                     return
                 raise
 
-    async def _stream(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def _stream(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         stub = self._services()[3]
         range_end = prefix_range_end(prefix) if prefix else b"\x00"
         hold_open: asyncio.Future[None] = asyncio.get_running_loop().create_future()

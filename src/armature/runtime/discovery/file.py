@@ -308,11 +308,11 @@ class FileStore(KeyValueStore):
         for entry in _scandir(self._leases_dir):
             try:
                 file_id = int(entry.name, 16)
-                record = _lease_decoder.decode(Path(entry.path).read_bytes())
+                lease_record = _lease_decoder.decode(Path(entry.path).read_bytes())
                 mtime = entry.stat().st_mtime
             except (ValueError, msgspec.DecodeError, FileNotFoundError):
                 continue
-            (expired if mtime + record.ttl_s < now else live).add(file_id)
+            (expired if mtime + lease_record.ttl_s < now else live).add(file_id)
         for file_id in expired:
             log.info("file discovery: lease %x expired; removing its keys", file_id)
         for entry in _scandir(self._keys_dir):

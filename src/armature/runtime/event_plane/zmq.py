@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import zmq
@@ -231,8 +232,11 @@ class ZmqEventSubscriber(EventSubscriber):
             raise EventPlaneError("subscriber not started")
         closed = self._closed
         while self._socket is not None:
-            recv = self._socket.recv_multipart()
-            done, _ = await asyncio.wait({recv, closed}, return_when=asyncio.FIRST_COMPLETED)
+            # pyzmq types recv_multipart as a bare Awaitable though it returns an asyncio Future;
+            # ensure_future hands that Future back unchanged, typed as one we can cancel.
+            recv = asyncio.ensure_future(self._socket.recv_multipart())
+            waiters: set[asyncio.Future[Any]] = {recv, closed}
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if recv not in done:
                 recv.cancel()
                 return

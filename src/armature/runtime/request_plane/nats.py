@@ -317,7 +317,7 @@ class NatsServer(ServerTransport):
         stream = self.dispatcher.dispatch(head, payload, _NatsSink(self, reply, sid), head.window)
         if stream is not None and stream.task is not None and not stream.task.done():
             self.streams[reply] = stream
-            self.link.on_failure(reply, lambda e, s=stream: s.connection_lost())
+            self.link.on_failure(reply, lambda _exc: stream.connection_lost())
 
     async def _on_control(self, msg: Msg) -> None:
         stream = self.streams.get(msg.reply)
@@ -466,8 +466,8 @@ class NatsClient(ClientTransport):
         try:
             frames = split_frames(msg.data)
         except ProtocolViolation as e:
-            kind = ErrorKind.VERSION_MISMATCH if "version" in str(e) else ErrorKind.PROTOCOL_ERROR
-            stream.on_error(RequestPlaneError(kind, str(e), False))
+            error_kind = ErrorKind.VERSION_MISMATCH if "version" in str(e) else ErrorKind.PROTOCOL_ERROR
+            stream.on_error(RequestPlaneError(error_kind, str(e), False))
             return
         for kind, _sid, body in frames:
             if kind == FrameKind.DATA:
@@ -477,8 +477,8 @@ class NatsClient(ClientTransport):
             elif kind == FrameKind.END:
                 stream.on_end()
             elif kind == FrameKind.ERROR:
-                e = decode_error(body)
-                stream.on_error(RequestPlaneError(e.kind, e.message, e.migratable))
+                err = decode_error(body)
+                stream.on_error(RequestPlaneError(err.kind, err.message, err.migratable))
 
     def _channel(self, instance: Instance) -> _InstanceChannel:
         channel = self._channels.get(instance.instance_id)
