@@ -33,7 +33,9 @@ _DEV_SHM = "/dev/shm"
 
 def raw_bytes(staged: torch.Tensor) -> memoryview:
     """The staged tensor's bytes, without a copy."""
-    return memoryview(staged.reshape(-1).view(torch.uint8).numpy())
+    # ndarray.data, not memoryview(ndarray): the same view, and typed as one (numpy's stubs
+    # declare ndarray a buffer only from Python 3.12).
+    return staged.reshape(-1).view(torch.uint8).numpy().data
 
 
 @dataclass
@@ -123,7 +125,7 @@ class _TcpDestination:
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, ready: KvReady, layout: KvLayout
     ) -> ReceivedKv:
         raw = torch.empty(ready.nbytes, dtype=torch.uint8)
-        await recv_into(loop, sock, memoryview(raw.numpy()))
+        await recv_into(loop, sock, raw.numpy().data)
         return ReceivedKv(as_staging(raw, layout, ready.num_pages), ready.nbytes)
 
     def discard(self) -> None:
@@ -207,7 +209,9 @@ def _write_shm(name: str, payload: memoryview) -> None:
         from multiprocessing import resource_tracker
 
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        shm.buf[: len(payload)] = payload
+        buf = shm.buf
+        assert buf is not None  # None only after close()
+        buf[: len(payload)] = payload
     finally:
         shm.close()
 
