@@ -14,7 +14,9 @@ def write_plots(results: list[RequestResult], started_at: float, out_dir: Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in results if r.ok and r.ttft_s is not None]
+    firsts = [(r, r.ttft_s) for r in results if r.ok and r.ttft_s is not None]
+    ok = [r for r, _ in firsts]
+    ttft_ms = [ttft * 1000 for _, ttft in firsts]
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if not ok:
@@ -22,7 +24,7 @@ def write_plots(results: list[RequestResult], started_at: float, out_dir: Path, 
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0][0]
-    for label, values in (("TTFT", [r.ttft_s * 1000 for r in ok]), ("end to end", [r.e2e_s * 1000 for r in ok])):
+    for label, values in (("TTFT", ttft_ms), ("end to end", [r.e2e_s * 1000 for r in ok])):
         xs = sorted(values)
         ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
     ax.set_xlabel("ms")
@@ -32,7 +34,7 @@ def write_plots(results: list[RequestResult], started_at: float, out_dir: Path, 
     ax.grid(alpha=0.3)
 
     ax = axes[0][1]
-    ax.scatter([r.start_s - started_at for r in ok], [r.ttft_s * 1000 for r in ok], s=6)
+    ax.scatter([r.start_s - started_at for r in ok], ttft_ms, s=6)
     ax.set_xlabel("request start (s)")
     ax.set_ylabel("TTFT (ms)")
     ax.set_title("TTFT over the run")
