@@ -93,6 +93,21 @@ def to_generate_request(request: PreprocessedRequest, rid: str, info: EngineInfo
     )
 
 
+@contextlib.asynccontextmanager
+async def closing_stream(
+    stream: AsyncIterator[GenerateOutput],
+) -> AsyncIterator[AsyncIterator[GenerateOutput]]:
+    """``contextlib.aclosing`` for ``Engine.generate_stream``, which promises only an iterator: the
+    engines return async generators, and closing one when a handler stops early runs its cleanup
+    now rather than whenever it is collected."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def _tops(rows: list[list[tuple[int, float]]] | None, k: int | None) -> list[list[TopLogprob]] | None:
     if rows is None or not k:
         return None
@@ -141,7 +156,7 @@ class DecodeWorkerHandler(BaseWorkerHandler):
         finished = False
         async with self.cancellation_monitor(rid, context) as cancel:
             try:
-                async with contextlib.aclosing(self.engine.generate_stream(greq)) as stream:
+                async with closing_stream(self.engine.generate_stream(greq)) as stream:
                     async for out in stream:
                         finished = out.finished
                         stop, item = _item_for(out, request, context, cancel.shutdown)
@@ -219,7 +234,7 @@ class DecodeWorkerHandler(BaseWorkerHandler):
             finally:
                 if not finished:
                     # Killed, or the caller went away: free the request's pages now.
-                    await engine.abort(rid)
+                    await self.engine.abort(rid)
 
 
 def _item_for(

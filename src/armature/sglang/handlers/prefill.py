@@ -7,7 +7,6 @@ then stays open until the engine has finished the prefill and the KV transfer (D
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from armature.protocols.llm import BootstrapInfo, LLMEngineOutput, PreprocessedR
 from armature.runtime.context import Context
 from armature.runtime.request_plane.base import EngineShutdown, ErrorKind, RequestPlaneError
 from armature.sglang.handlers.base import BaseWorkerHandler
-from armature.sglang.handlers.decode import to_generate_request
+from armature.sglang.handlers.decode import closing_stream, to_generate_request
 
 
 WARMUP_PROMPT_TOKENS = 16
@@ -41,7 +40,7 @@ async def warm_up(engine: Engine) -> None:
         sampling=SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True),
     )
     last = None
-    async with contextlib.aclosing(engine.generate_stream(req)) as stream:
+    async with closing_stream(engine.generate_stream(req)) as stream:
         async for out in stream:
             last = out
     if last is None or last.finish_reason is EngineFinishReason.ERROR:
@@ -81,7 +80,7 @@ class PrefillWorkerHandler(BaseWorkerHandler):
         finished = False
         async with self.cancellation_monitor(rid, context) as cancel:
             try:
-                async with contextlib.aclosing(self.engine.generate_stream(greq)) as stream:
+                async with closing_stream(self.engine.generate_stream(greq)) as stream:
                     async for out in stream:
                         if not out.finished:
                             continue
