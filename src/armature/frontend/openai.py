@@ -186,9 +186,20 @@ class ChatLogprobs(msgspec.Struct):
     refusal: None = None
 
 
+class ToolCallDelta(msgspec.Struct):
+    """A whole tool call in one streamed delta (``index`` counts the choice's calls)."""
+
+    index: int
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ChatDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
@@ -207,9 +218,11 @@ class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
     usage: Usage | None = None
 
 
-class ResponseMessage(msgspec.Struct):
+class ResponseMessage(msgspec.Struct, omit_defaults=True):
     role: str
-    content: str | None
+    content: str | None  # no default: always present, null when the answer is only tool calls
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from armature.frontend.metrics import FrontendMetrics
 from armature.frontend.migration import MigratingStream
 from armature.frontend.models import ServedModel
+from armature.frontend.parsers import reasoning_parser, tool_call_parser
 from armature.frontend.postprocess import ChoiceDelta, ChoicePostprocessor, EngineStreamError
 from armature.frontend.preprocess import PreparedChoice, PreparedRequest
 from armature.protocols.llm import LLMEngineOutput
@@ -58,6 +59,8 @@ class RequestPipeline:
                 prepared.skip_special_tokens,
                 prepared.logprobs is not None,
                 keep_text=keep_text,
+                reasoning=reasoning_parser(prepared.reasoning_parser) if prepared.reasoning_parser else None,
+                tools=tool_call_parser(prepared.tool_call_parser) if prepared.tool_call_parser else None,
             )
             stream = MigratingStream(model.router, choice.request, ctx, model.migration_limit, metrics)
             self.runs.append(ChoiceRun(choice.index, choice, post, ctx, stream))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from armature.frontend.detokenize import IncrementalDetokenizer
+from armature.frontend.parsers import ParsedToolCall, ReasoningParser, ToolCallParser
 from armature.frontend.stop_jail import StopStringJail
 from armature.protocols.llm import FinishReason, LLMEngineOutput, TopLogprob
 
@@ -30,11 +31,13 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class ChoiceDelta:
-    text: str
+    text: str  # content: with output parsers, what is neither reasoning nor a tool call
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     # True when the frontend ended the sequence (stop string) and the engine is still running.
     stopped_early: bool = False
+    reasoning: str = ""
+    tool_calls: list[ParsedToolCall] | None = None
 
 
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
@@ -43,8 +46,8 @@ _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 class ChoicePostprocessor:
     __slots__ = (
         "_detok", "_jail", "_jailing", "_min_tokens", "_hidden", "_want_logprobs", "_pending_lp",
-        "completion_tokens", "cached_tokens", "finish_reason", "prompt_logprobs",
-        "prompt_top_logprobs", "text_parts",
+        "_reasoning", "_tools", "completion_tokens", "cached_tokens", "finish_reason", "prompt_logprobs",
+        "prompt_top_logprobs", "text_parts", "reasoning_parts", "tool_calls",
     )  # fmt: skip
 
     def __init__(
@@ -57,6 +60,8 @@ class ChoicePostprocessor:
         skip_special_tokens: bool,
         want_logprobs: bool,
         keep_text: bool = False,
+        reasoning: ReasoningParser | None = None,
+        tools: ToolCallParser | None = None,
     ) -> None:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self._jail = StopStringJail(stop)
@@ -71,6 +76,11 @@ class ChoicePostprocessor:
         self.prompt_logprobs: list[float | None] | None = None
         self.prompt_top_logprobs: list[list[TopLogprob]] | None = None
         self.text_parts: list[str] | None = [] if keep_text else None
+        # Output parsers (chat): reasoning first, then tool calls in what is left.
+        self._reasoning = reasoning
+        self._tools = tools
+        self.reasoning_parts: list[str] | None = [] if keep_text and reasoning is not None else None
+        self.tool_calls: list[ParsedToolCall] = []
 
     @property
     def finished(self) -> bool:
@@ -79,7 +89,13 @@ class ChoicePostprocessor:
     @property
     def pushable(self) -> bool:
         """An output can become text here without iteration: no stop strings held, no logprobs."""
-        return not self._jailing and not self._want_logprobs and self.finish_reason is None
+        return (
+            not self._jailing
+            and not self._want_logprobs
+            and self.finish_reason is None
+            and self._reasoning is None
+            and self._tools is None
+        )
 
     def process(self, out: LLMEngineOutput) -> ChoiceDelta | None:
         """The client-visible delta for one engine output (None when nothing to show yet)."""
@@ -124,14 +140,43 @@ class ChoicePostprocessor:
             pieces.append(self._jail.flush())
             self.finish_reason = _FINISH[out.finish_reason]
         text = "".join(pieces)
+        reasoning = ""
+        calls: list[ParsedToolCall] | None = None
+        if self._reasoning is not None or self._tools is not None:
+            text, reasoning, calls = self._parse(text)
         if self.text_parts is not None and text:
             self.text_parts.append(text)
-        if not text and self.finish_reason is None:
+        if not text and not reasoning and not calls and self.finish_reason is None:
             return None
         lps: list[TokenLogprob] | None = None
         if self._pending_lp:
             lps, self._pending_lp = self._pending_lp, []
-        return ChoiceDelta(text, lps, self.finish_reason, stopped_early)
+        return ChoiceDelta(text, lps, self.finish_reason, stopped_early, reasoning, calls)
+
+    def _parse(self, text: str) -> tuple[str, str, list[ParsedToolCall] | None]:
+        """Split visible text into content, reasoning and tool calls; the sequence's end flushes
+        what the parsers held back."""
+        final = self.finish_reason is not None
+        reasoning = ""
+        if self._reasoning is not None:
+            reasoning, text = self._reasoning.feed(text)
+            if final:
+                more_reasoning, more_text = self._reasoning.flush()
+                reasoning += more_reasoning
+                text += more_text
+            if self.reasoning_parts is not None and reasoning:
+                self.reasoning_parts.append(reasoning)
+        calls: list[ParsedToolCall] = []
+        if self._tools is not None:
+            text, calls = self._tools.feed(text)
+            if final:
+                more_text, more_calls = self._tools.flush()
+                text += more_text
+                calls += more_calls
+            self.tool_calls += calls
+            if final and self.tool_calls and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+        return text, reasoning, calls or None
 
     def end_of_stream(self) -> ChoiceDelta:
         """The stream ended without a finish reason: the worker broke the contract."""

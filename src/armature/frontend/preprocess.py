@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,11 @@ import msgspec
 from armature.frontend.chat_template import ChatTemplateError
 from armature.frontend.errors import ApiError
 from armature.frontend.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, NvExt, TextPart
+from armature.frontend.parsers import (
+    REASONING_PARSER_NAMES,
+    TOOL_CALL_PARSER_NAMES,
+    tool_call_parser,
+)
 from armature.frontend.tokenizer import ModelTokenizer
 from armature.protocols.llm import (
     OutputOptions,
@@ -26,6 +32,8 @@ from armature.protocols.llm import (
     StopConditions,
 )
 from armature.protocols.model_card import ModelCard
+
+log = logging.getLogger(__name__)
 
 # Below this many characters tokenizing inline is cheaper than a thread hop.
 _INLINE_TOKENIZE_CHARS = 4096
@@ -74,6 +82,9 @@ class PreparedRequest:
     skip_special_tokens: bool
     logprobs: int | None
     echo: bool
+    # Chat only: the model's output parsers (names from its card) that apply to this request.
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -82,6 +93,15 @@ class PreparedRequest:
         for c in self.choices:
             seen.setdefault(id(c.prompt), len(c.prompt.token_ids))
         return sum(seen.values())
+
+
+def _known(name: str | None, known: tuple[str, ...], model: str, kind: str) -> str | None:
+    if name is None or name in known:
+        return name
+    # A worker newer than this frontend: serve the model, unparsed, rather than not at all.
+    log.warning("model %r asks for %s parser %r, which this frontend does not have (it has: %s); "
+                "its output is passed through unparsed", model, kind, name, ", ".join(known))  # fmt: skip
+    return None
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -133,6 +153,13 @@ class Preprocessor:
     def __init__(self, card: ModelCard, tokenizer: ModelTokenizer) -> None:
         self.card = card
         self.tokenizer = tokenizer
+        rc = card.runtime_config
+        self.reasoning_parser = _known(rc.reasoning_parser, REASONING_PARSER_NAMES, card.name, "reasoning")
+        self.tool_call_parser = _known(rc.tool_call_parser, TOOL_CALL_PARSER_NAMES, card.name, "tool-call")
+        # Parsers whose markers are special tokens need them in the text they read.
+        self._tools_need_special = bool(self.tool_call_parser) and tool_call_parser(
+            self.tool_call_parser or ""
+        ).needs_special_tokens
 
     def render_chat(self, req: ChatCompletionRequest) -> str:
         tools = [msgspec.to_builtins(t) for t in req.tools] if req.tools else None
@@ -163,7 +190,15 @@ class Preprocessor:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        return self._build(req, [PreparedPrompt(ids, text)], max_tokens, logprobs, prompt_logprobs=None, echo=False)
+        prompt = [PreparedPrompt(ids, text)]
+        prepared = self._build(req, prompt, max_tokens, logprobs, prompt_logprobs=None, echo=False)
+        prepared.reasoning_parser = self.reasoning_parser
+        # As OpenAI: tool calls are looked for only when the request offers tools and allows them.
+        if self.tool_call_parser and req.tools and req.tool_choice != "none":
+            prepared.tool_call_parser = self.tool_call_parser
+            if self._tools_need_special:
+                prepared.skip_special_tokens = False
+        return prepared
 
     async def completion(self, req: CompletionRequest) -> PreparedRequest:
         prompts = await self._prompts(req.prompt, "prompt")

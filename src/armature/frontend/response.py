@@ -7,6 +7,7 @@ encoding it with msgspec: nothing per token builds a dict or a pydantic model.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 from armature.frontend.detokenize import TokenTextCache
@@ -23,8 +24,11 @@ from armature.frontend.openai import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
+    FunctionCall,
     PromptTokensDetails,
     ResponseMessage,
+    ToolCall,
+    ToolCallDelta,
     TopLogprobEntry,
     Usage,
     json_encoder,
@@ -38,6 +42,10 @@ from armature.runtime.context import new_request_id
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{new_request_id()}"
+
+
+def new_tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def usage_of(p: RequestPipeline) -> Usage:
@@ -144,7 +152,9 @@ async def chat_stream(
     single = len(p.runs) == 1
     tail = b""
     encode = json_encoder.encode
-    if sink is not None and single and texts is None and not continuous_usage:
+    parsed = p.prepared.reasoning_parser is not None or p.prepared.tool_call_parser is not None
+    calls_sent = {run.index: 0 for run in p.runs}
+    if sink is not None and single and texts is None and not continuous_usage and not parsed:
         chunk0 = skeletons[p.runs[0].index]
 
         def chat_event(text: str) -> bytes:
@@ -163,7 +173,19 @@ async def chat_stream(
         out = head
         head = b""
         for delta in deltas:
-            choice.delta.content = delta.text if (delta.text or delta.finish_reason is None) else None
+            structured = bool(delta.reasoning or delta.tool_calls)
+            keep = delta.text or (delta.finish_reason is None and not structured)
+            choice.delta.content = delta.text if keep else None
+            if parsed:
+                choice.delta.reasoning_content = delta.reasoning or None
+                choice.delta.tool_calls = None
+                if delta.tool_calls:
+                    first = calls_sent[run.index]
+                    calls_sent[run.index] += len(delta.tool_calls)
+                    choice.delta.tool_calls = [
+                        ToolCallDelta(first + k, new_tool_call_id(), FunctionCall(c.name, c.arguments))
+                        for k, c in enumerate(delta.tool_calls)
+                    ]
             choice.finish_reason = delta.finish_reason
             choice.logprobs = _chat_logprobs(texts, delta.logprobs) if (texts and delta.logprobs) else None
             if continuous_usage:
@@ -188,9 +210,20 @@ async def chat_aggregate(p: RequestPipeline) -> bytes:
             lps[run.index].extend(delta.logprobs)
     choices = []
     for run in p.runs:
-        text = "".join(run.post.text_parts or [])
+        post = run.post
+        text = "".join(post.text_parts or [])
         logprobs = _chat_logprobs(texts, lps[run.index]) if texts is not None else None
-        choices.append(ChatChoice(run.index, ResponseMessage("assistant", text), logprobs, run.post.finish_reason))
+        message = ResponseMessage("assistant", text)
+        if post.reasoning_parts is not None:
+            # Thinking switched off still leaves the template's empty block: that is no reasoning.
+            reasoning = "".join(post.reasoning_parts)
+            message.reasoning_content = reasoning if reasoning.strip() else None
+        if post.tool_calls:
+            message.tool_calls = [
+                ToolCall(new_tool_call_id(), FunctionCall(c.name, c.arguments)) for c in post.tool_calls
+            ]
+            message.content = text if text.strip() else None
+        choices.append(ChatChoice(run.index, message, logprobs, post.finish_reason))
     body = ChatCompletion(new_id("chatcmpl"), "chat.completion", int(time.time()), p.model.name, choices, usage_of(p))
     return json_encoder.encode(body)
 

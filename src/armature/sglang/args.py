@@ -524,6 +524,7 @@ def _validate(dynamo: DynamoConfig, server: SglangServerConfig, engine: str) -> 
             "--reasoning-parser (SGLang) and --dyn-reasoning-parser (Armature frontend) are mutually "
             "exclusive; the frontend parses reasoning, so use --dyn-reasoning-parser"
         )
+    _adopt_parsers(dynamo, server)
     if engine != "sglang" and server.tp_size != 1:
         raise ConfigError(
             f"--tp {server.tp_size}: the {engine} engine runs on one device; use --tp 1 "
@@ -551,6 +552,23 @@ def _validate(dynamo: DynamoConfig, server: SglangServerConfig, engine: str) -> 
     elif server.disaggregation_transfer_backend is None:
         server.disaggregation_transfer_backend = "mooncake"
     _validate_kv_events_config(server.kv_events_config)
+
+
+def _adopt_parsers(dynamo: DynamoConfig, server: SglangServerConfig) -> None:
+    """The frontend tokenizes and detokenizes, so it is where output is parsed: SGLang's own
+    ``--reasoning-parser`` / ``--tool-call-parser`` are taken as the ``--dyn-`` flags."""
+    from armature.frontend.parsers import REASONING_PARSER_NAMES, TOOL_CALL_PARSER_NAMES
+
+    if server.reasoning_parser:
+        dynamo.dyn_reasoning_parser, server.reasoning_parser = server.reasoning_parser, None
+    if server.tool_call_parser:
+        dynamo.dyn_tool_call_parser, server.tool_call_parser = server.tool_call_parser, None
+    for flag, name, known in (
+        ("--dyn-reasoning-parser", dynamo.dyn_reasoning_parser, REASONING_PARSER_NAMES),
+        ("--dyn-tool-call-parser", dynamo.dyn_tool_call_parser, TOOL_CALL_PARSER_NAMES),
+    ):
+        if name is not None and name not in known:
+            raise ConfigError(f"{flag} {name!r}: unknown parser; choose from {', '.join(known)}")
 
 
 def _resolve_template(path: str) -> str:

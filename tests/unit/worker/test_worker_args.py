@@ -238,3 +238,16 @@ def test_log_level_from_dyn_log(model_dir: str, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("DYN_LOG", "nonsense")
     assert _parse(model_dir).log_level == "info"
     assert _parse(model_dir, "--log-level", "debug").log_level == "debug"
+
+
+def test_output_parsers_are_checked_and_sglang_spellings_reach_the_frontend(model_dir: str) -> None:
+    cfg = _parse(model_dir, "--dyn-reasoning-parser", "deepseek_r1", "--dyn-tool-call-parser", "hermes")
+    assert (cfg.dynamo.dyn_reasoning_parser, cfg.dynamo.dyn_tool_call_parser) == ("deepseek_r1", "hermes")
+    # SGLang's own flags: the frontend is where output is parsed, so they become the --dyn- ones.
+    cfg = _parse(model_dir, "--reasoning-parser", "qwen3", "--tool-call-parser", "pythonic")
+    assert (cfg.dynamo.dyn_reasoning_parser, cfg.dynamo.dyn_tool_call_parser) == ("qwen3", "pythonic")
+    assert cfg.server.reasoning_parser is None and cfg.server.tool_call_parser is None
+    with pytest.raises(ConfigError, match="unknown parser; choose from .*hermes"):
+        _parse(model_dir, "--dyn-tool-call-parser", "nope")
+    with pytest.raises(ConfigError, match="--dyn-reasoning-parser 'nope'"):
+        _parse(model_dir, "--dyn-reasoning-parser", "nope")

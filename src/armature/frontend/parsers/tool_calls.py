@@ -245,8 +245,8 @@ def _literal(node: ast.expr) -> object:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         # Negative numbers parse as a unary minus applied to a constant.
         operand = node.operand
-        if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):
-            value = operand.value
+        value = operand.value if isinstance(operand, ast.Constant) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             if _finite(value):
                 return -value if isinstance(node.op, ast.USub) else value
         raise _NotLiteral
