@@ -16,7 +16,7 @@ import msgspec
 
 from armature.frontend.metrics import FrontendMetrics
 from armature.protocols.llm import LLMEngineOutput, OutputOptions, PreprocessedRequest, StopConditions
-from armature.router.push import PushRouter
+from armature.router.push import StreamRouter
 from armature.runtime.context import Context
 from armature.runtime.request_plane.base import RequestPlaneError
 
@@ -28,7 +28,7 @@ class MigratingStream:
 
     def __init__(
         self,
-        router: PushRouter,
+        router: StreamRouter,
         request: PreprocessedRequest,
         context: Context,
         limit: int,

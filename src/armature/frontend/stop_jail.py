@@ -3,7 +3,8 @@
 The engine sees token ids only, so the frontend matches stop strings on detokenized text. Text
 that could still become a stop string is "jailed" (withheld) until the next text settles it; a
 match ends the sequence and nothing of the stop string — nor anything after it — reaches the
-client. When several stop strings match, the one that starts earliest wins.
+client. When several stop strings match, the one completed first wins (the earliest end), so
+the answer never depends on how the text was split into tokens.
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ class StopStringJail:
         buf = self._pending + text
         # Text released earlier held no stop string and no unfinished prefix of one beyond
         # ``_pending``, so every match lies within ``buf``.
-        best_at = -1
+        # The match that is complete first wins: only that choice is the same however the text
+        # is split (a longer stop string starting earlier may not be complete yet). Of two that
+        # end together, the one starting earlier.
+        best_at = best_end = -1
         best: str | None = None
         for stop in self._stops:
             at = buf.find(stop)
-            if at != -1 and (best_at == -1 or at < best_at or (at == best_at and len(stop) < len(best or ""))):
-                best_at, best = at, stop
+            if at == -1:
+                continue
+            end = at + len(stop)
+            if best is None or end < best_end or (end == best_end and at < best_at):
+                best_at, best_end, best = at, end, stop
         if best is not None:
             self._pending = ""
             return JailResult(buf[:best_at], True, best)

@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator, Collection
 from typing import Any, Protocol
 
+from armature.protocols.llm import PreprocessedRequest
 from armature.runtime.context import Context
 
 
@@ -36,6 +37,17 @@ class EndpointClient(Protocol):
     def instance_ids(self) -> list[int]: ...
 
     async def direct(self, request: Any, instance_id: int, context: Context | None = None) -> AsyncIterator[Any]: ...
+
+
+class StreamRouter(Protocol):
+    """What sending a request needs of a router, and re-sending it elsewhere on migration:
+    ``PushRouter``, ``KvPushRouter`` and ``DisaggRouter`` all offer it."""
+
+    def instance_ids(self) -> list[int]: ...
+
+    async def generate(
+        self, request: PreprocessedRequest, context: Context, target: int | None = None, exclude: Collection[int] = ()
+    ) -> tuple[int, AsyncIterator[Any]]: ...
 
 
 class PushRouter:

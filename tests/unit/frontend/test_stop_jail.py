@@ -32,6 +32,14 @@ def test_partial_match_that_fails_is_released() -> None:
     assert not r.stopped and r.text == "STAR"
 
 
+def test_the_stop_completed_first_wins_however_the_text_is_split() -> None:
+    # "POO" starts first but "O" is complete first: a stream split as "PO" + "O" must stop at
+    # "O", so the whole text in one piece does too.
+    for pieces in (["PO", "O"], ["POO"]):
+        shown, stopped = _feed(StopStringJail(["POO", "O"]), pieces)
+        assert stopped and shown == "P"
+
+
 def test_earliest_match_wins_over_list_order() -> None:
     jail = StopStringJail(["world", "lo w"])
     r = jail.push("hello world")
@@ -56,11 +64,12 @@ def test_no_stops_passes_everything_through() -> None:
     stops=st.lists(st.text(alphabet="abS TOP", min_size=1, max_size=4), min_size=1, max_size=3),
 )
 def test_streamed_result_equals_whole_text_result(text: str, cuts: list[int], stops: list[str]) -> None:
-    # However the text is split into pieces, the client sees the text up to the earliest stop.
+    # However the text is split into pieces, the client sees the text up to the stop string
+    # completed first (of two ending together, the one starting earlier).
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-    found = [i for i in (text.find(s) for s in stops) if i != -1]
-    expected = text[: min(found)] if found else text
+    found = [(i + len(s), i) for s in stops if (i := text.find(s)) != -1]
+    expected = text[: min(found)[1]] if found else text
     shown, stopped = _feed(StopStringJail(stops), pieces)
     assert stopped == bool(found)
     assert shown == expected
