@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from armature.frontend.busy import BusyThresholds
 from armature.frontend.server import DEFAULT_BODY_LIMIT, FrontendConfig
 from armature.router.kv.config import KvRouterConfig, add_router_args
 from armature.router.push import RouterMode
@@ -52,9 +53,11 @@ class FrontendArgs:
     decode_fallback: bool = False
     http_processes: int = 1
     stream_write_interval_ms: float = 3.0
+    busy: BusyThresholds = field(default_factory=BusyThresholds)
 
     def frontend_config(self) -> FrontendConfig:
         return FrontendConfig(
+            busy=replace(self.busy),
             router_mode=self.router_mode,
             migration_limit=self.migration_limit,
             kv_cache_block_size=self.kv_cache_block_size,
@@ -62,6 +65,10 @@ class FrontendArgs:
             body_limit_bytes=self.body_limit_bytes,
             decode_fallback=self.decode_fallback,
         )
+
+
+def _opt(value: str | None, kind: type) -> Any:
+    return None if value is None else kind(value)
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -127,6 +134,25 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="a stream's SSE events go out at most this often per connection; sooner ones ride with "
         "the next write (one token per event still); 0 writes each at once (env ARMATURE_STREAM_WRITE_INTERVAL_MS)",
     )
+    p.add_argument(
+        "--active-decode-blocks-threshold",
+        type=float,
+        default=_opt(d("ACTIVE_DECODE_BLOCKS_THRESHOLD"), float),
+        help="busy when active decode KV blocks pass this fraction (0-1] of a worker's blocks; a model "
+        "whose workers are all busy answers 503 (env DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD)",
+    )
+    p.add_argument(
+        "--active-prefill-tokens-threshold",
+        type=int,
+        default=_opt(d("ACTIVE_PREFILL_TOKENS_THRESHOLD"), int),
+        help="busy when a worker's prefill tokens in flight pass this count",
+    )
+    p.add_argument(
+        "--active-prefill-tokens-threshold-frac",
+        type=float,
+        default=_opt(d("ACTIVE_PREFILL_TOKENS_THRESHOLD_FRAC"), float),
+        help="busy when a worker's prefill tokens in flight pass this fraction of its max_num_batched_tokens",
+    )
     p.add_argument("--log-level", default=d("LOG_LEVEL", "info"), help="debug|info|warning|error")
     RuntimeSettings.add_arguments(p)
     # The KV router's flags, --kv-cache-block-size among them (it overrides the model cards' block
@@ -156,6 +182,12 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         parser.error("--http-processes must be >= 1")
     if not 0 <= ns.stream_write_interval_ms <= 1000:
         parser.error("--stream-write-interval-ms must be between 0 and 1000")
+    if ns.active_decode_blocks_threshold is not None and not 0 < ns.active_decode_blocks_threshold <= 1:
+        parser.error("--active-decode-blocks-threshold is a fraction in (0, 1]")
+    if ns.active_prefill_tokens_threshold is not None and ns.active_prefill_tokens_threshold < 0:
+        parser.error("--active-prefill-tokens-threshold must be >= 0")
+    if ns.active_prefill_tokens_threshold_frac is not None and ns.active_prefill_tokens_threshold_frac <= 0:
+        parser.error("--active-prefill-tokens-threshold-frac must be positive")
     try:
         runtime = RuntimeSettings.from_args(ns, env)
         kv_router = KvRouterConfig.from_args(ns)
@@ -183,4 +215,9 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
         decode_fallback=ns.decode_fallback,
         http_processes=ns.http_processes,
         stream_write_interval_ms=ns.stream_write_interval_ms,
+        busy=BusyThresholds(
+            active_decode_blocks=ns.active_decode_blocks_threshold,
+            active_prefill_tokens=ns.active_prefill_tokens_threshold,
+            active_prefill_tokens_frac=ns.active_prefill_tokens_threshold_frac,
+        ),
     )

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from armature.frontend.args import FrontendArgs, parse_args
+from armature.frontend.busy import LoadBoards, WorkerLoadGauges
 from armature.frontend.http_server import HttpServer, tls_context
 from armature.frontend.metrics import FrontendMetrics
 from armature.frontend.models import DiscoveryModelSource
@@ -38,7 +39,11 @@ def build_frontend(runtime: DistributedRuntime, args: FrontendArgs) -> Frontend:
     if args.router_mode is RouterMode.KV:
         # armature_router_* on the frontend's /metrics, one set shared by every model's router.
         router_factory = kv_router_factory(runtime, args.kv_router, RouterMetrics(metrics.registry))
-    return Frontend(source, runtime_client_factory(runtime), args.frontend_config(), metrics, router_factory)
+    # Busy detection reads the workers' load events, subscribed per component when first enabled.
+    boards = LoadBoards(runtime.events, WorkerLoadGauges(metrics.registry, args.metrics_prefix))
+    return Frontend(
+        source, runtime_client_factory(runtime), args.frontend_config(), metrics, router_factory, boards
+    )
 
 
 def http_server(frontend: Frontend, args: FrontendArgs) -> HttpServer:

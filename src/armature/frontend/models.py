@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import msgspec
 
+from armature.frontend.busy import BusyThresholds, LoadBoards, SheddingRouter
 from armature.frontend.preprocess import Preprocessor
 from armature.frontend.tokenizer import ModelTokenizer, TokenizerLoadError
 from armature.protocols.embedding import EmbeddingResponse
@@ -25,6 +26,7 @@ from armature.router.kv_push import KvPushRouter
 from armature.router.prefill import DisaggRouter, PrefillRegistry, is_prefill_card
 from armature.router.push import EndpointClient, PushRouter, RouterMode
 from armature.runtime.discovery.base import KeyValueStore, WatchEventKind
+from armature.runtime.runtime import parse_endpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class ClientFactory(Protocol):
     def __call__(self, path: str, response_type: type = LLMEngineOutput, /) -> Awaitable[EndpointClient]: ...
 
 
-Router = PushRouter | KvPushRouter | DisaggRouter
+Router = PushRouter | KvPushRouter | DisaggRouter | SheddingRouter
 # Builds the router of a newly served model (KV mode needs the card's block size and endpoint).
 RouterFactory = Callable[[ModelCard, EndpointClient], Awaitable[Router]]
 
@@ -110,6 +112,14 @@ class ServedModel:
     router: Router
     migration_limit: int
     cards: dict[str, ModelCard] = field(default_factory=dict)  # key -> card, one per instance
+    thresholds: BusyThresholds = field(default_factory=BusyThresholds)
+    shedding: SheddingRouter | None = None  # the busy-detection layer of ``router``, if any
+
+    def max_batched_tokens(self, worker_id: int) -> int | None:
+        """The worker's ``max_num_batched_tokens`` from its card (the first card's if unknown)."""
+        suffix = f"/{worker_id:x}"
+        card = next((c for k, c in self.cards.items() if k.endswith(suffix)), self.card)
+        return card.runtime_config.max_num_batched_tokens
 
     def has_instances(self) -> bool:
         return bool(self.router.instance_ids())
@@ -129,8 +139,13 @@ class ModelManager:
         kv_cache_block_size: int | None = None,
         router_factory: RouterFactory | None = None,
         decode_fallback: bool = False,
+        load_boards: LoadBoards | None = None,
+        busy: BusyThresholds | None = None,
     ) -> None:
         self._client_factory = client_factory
+        # Busy detection: the thresholds new models start with (the --active-* flags).
+        self._load_boards = load_boards
+        self._busy_defaults = busy or BusyThresholds()
         # Prefill cards (disaggregated serving) feed prefill pools, never a served model.
         self.prefill = PrefillRegistry(client_factory, router_factory, router_mode, decode_fallback)
         self._router_factory = router_factory
@@ -207,18 +222,33 @@ class ModelManager:
                 router = await self._router_factory(card, client)
             else:
                 router = PushRouter(client, self._router_mode)
-            router = self.prefill.wrap(card.name, router)
-        model = ServedModel(
+        served = ServedModel(
             name=card.name,
             card=card,
             preprocessor=Preprocessor(card, tokenizer),
             router=router,
             migration_limit=limit,
         )
-        model.cards[key] = card
-        self._models[card.name] = model
+        served.cards[key] = card
+        if ModelType.EMBEDDING not in card.model_types:
+            if self._load_boards is not None:
+                served.shedding = SheddingRouter(router, lambda: served.thresholds, served.max_batched_tokens)
+                served.router = served.shedding
+                await self.set_thresholds(served, replace(self._busy_defaults))
+            served.router = self.prefill.wrap(card.name, served.router)
+        self._models[card.name] = served
         self._name_by_key[key] = card.name
         log.info("serving model %r from %s (context %d)", card.name, card.endpoint, card.context_length)
+
+    async def set_thresholds(self, model: ServedModel, thresholds: BusyThresholds) -> None:
+        """Busy thresholds for ``model``; the first that enable detection subscribe to its load."""
+        model.thresholds = thresholds
+        shedding = model.shedding
+        if shedding is None or shedding.board is not None or not thresholds.enabled:
+            return
+        assert self._load_boards is not None
+        namespace, component, _ = parse_endpoint_path(model.card.endpoint)
+        shedding.board = await self._load_boards.board(namespace, component)
 
     async def _client(self, endpoint: str, response_type: type) -> EndpointClient:
         key = (endpoint, response_type)
@@ -250,6 +280,8 @@ class ModelManager:
             close = getattr(model.router, "close", None)
             if close is not None:
                 await close()
+        if self._load_boards is not None:
+            await self._load_boards.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         await self.prefill.close()

@@ -13,12 +13,14 @@ import asyncio
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from armature.frontend.busy import BusyThresholds, LoadBoards, ServiceOverloaded
+from armature.frontend.busy_thresholds import set_thresholds, threshold_list
 from armature.frontend.embeddings import create_embeddings, embedding_request_decoder
 from armature.frontend.errors import ApiError, from_decode_error
 from armature.frontend.http_server import Application, HttpRequest, Reply, SseSink, StreamReply
@@ -62,6 +64,8 @@ class FrontendConfig:
     body_limit_bytes: int = DEFAULT_BODY_LIMIT
     # Disaggregated models with no prefill worker left: decode aggregated instead of 503.
     decode_fallback: bool = False
+    # Busy detection's starting thresholds for every model (all None: off until /busy_threshold).
+    busy: BusyThresholds = field(default_factory=BusyThresholds)
 
 
 Route = Callable[[HttpRequest], Awaitable["Reply | StreamReply"]]
@@ -82,6 +86,8 @@ def _stream_error(err: ApiError) -> bytes:
 def _engine_failure(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ServiceOverloaded):
+        return ApiError(503, str(exc), code="service_unavailable")
     if isinstance(exc, NoInstancesError):
         return ApiError(503, str(exc), code="no_workers")
     if isinstance(exc, DirectTargetError):
@@ -103,6 +109,7 @@ class Frontend(Application):
         config: FrontendConfig | None = None,
         metrics: FrontendMetrics | None = None,
         router_factory: RouterFactory | None = None,
+        load_boards: LoadBoards | None = None,
     ) -> None:
         self.config = config or FrontendConfig()
         if self.config.router_mode is RouterMode.KV and router_factory is None:
@@ -115,6 +122,8 @@ class Frontend(Application):
             self.config.kv_cache_block_size,
             router_factory,
             decode_fallback=self.config.decode_fallback,
+            load_boards=load_boards,
+            busy=self.config.busy,
         )
         self._source = source
         # With --http-processes: every process's metrics merged (armature.frontend.processes).
@@ -132,6 +141,7 @@ class Frontend(Application):
             "/health": {"GET": self._health},
             "/live": {"GET": self._live},
             "/metrics": {"GET": self._metrics},
+            "/busy_threshold": {"GET": self._busy_list, "POST": self._busy_set},
             "/openapi.json": {"GET": self._openapi},
         }
 
@@ -371,6 +381,14 @@ class Frontend(Application):
             "instances": sorted({f"{i:x}" for m in serving for i in m.router.instance_ids()}),
         }
         return _json_reply(body, 200 if status == "healthy" else 503)
+
+    async def _busy_list(self, request: HttpRequest) -> Reply:
+        self._check_auth(request)
+        return _json_reply(threshold_list(self.models.models()))
+
+    async def _busy_set(self, request: HttpRequest) -> Reply:
+        self._check_auth(request)
+        return _json_reply(await set_thresholds(self.models, request.body))
 
     async def _live(self, request: HttpRequest) -> Reply:
         if self.draining:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
+# The event-plane topic workers publish their ActiveLoad on (component scope).
+LOAD_TOPIC = "load_metrics"
+
 
 class ActiveLoad(msgspec.Struct, kw_only=True):
     worker_id: int

@@ -42,13 +42,12 @@ from armature.protocols.kv_events import (
     StoredBlock,
     decode_event_batch,
 )
-from armature.protocols.load import ActiveLoad
+from armature.protocols.load import LOAD_TOPIC, ActiveLoad
 from armature.router.kv.local_indexer import LocalKvIndexer
 
 log = logging.getLogger(__name__)
 
 KV_EVENTS_TOPIC = "kv-events"
-LOAD_TOPIC = "load_metrics"
 WORKER_METRIC_PREFIX = "armature_worker"
 
 # publish(topic, payload): the event plane, component scope.
