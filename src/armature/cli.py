@@ -128,6 +128,12 @@ def _mocker(argv: Sequence[str]) -> int:
     return mocker_main(list(argv))
 
 
+def _planner(argv: Sequence[str]) -> int:
+    from armature.planner.main import main
+
+    return main(list(argv))
+
+
 def _bench(argv: Sequence[str]) -> int:
     from armature.bench.cli import main as bench_main
 
@@ -139,6 +145,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "frontend": (_frontend, "the OpenAI HTTP frontend (python -m armature.frontend)"),
     "worker": (_worker, "an SGLang-style worker (python -m armature.sglang)"),
     "mocker": (_mocker, "a worker on the simulated engine (python -m armature.mocker)"),
+    "planner": (_planner, "scales workers to keep TTFT/ITL within an SLA (python -m armature.planner)"),
     "bench": (_bench, "load generator for any OpenAI endpoint: latency, throughput, goodput (docs/bench.md)"),
 }
 

@@ -128,6 +128,14 @@ class FrontendMetrics:
         self.disconnects = Counter(
             f"{prefix}_client_disconnects", "Requests whose client went away before the end", ["model"], registry=r
         )
+        # Per worker, from the last request it finished: what the planner regresses load against.
+        per_worker = ["model", "worker_id"]
+        self.worker_last_ttft = Gauge(f"{prefix}_worker_last_time_to_first_token_seconds",
+                                      "TTFT of the worker's last finished request", per_worker, registry=r)
+        self.worker_last_itl = Gauge(f"{prefix}_worker_last_inter_token_latency_seconds",
+                                     "Mean ITL of the worker's last finished request", per_worker, registry=r)
+        self.worker_last_isl = Gauge(f"{prefix}_worker_last_input_sequence_tokens",
+                                     "Prompt tokens of the worker's last finished request", per_worker, registry=r)  # fmt: skip
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -199,3 +199,12 @@ class RequestPipeline:
         m.isl.labels(name).observe(self.prompt_tokens)
         m.osl.labels(name).observe(self.completion_tokens)
         m.duration.labels(name).observe(time.monotonic() - self.started_at)
+        first, last = self._first_token_at, self._last_token_at
+        worker = self.runs[0].stream.instance_id if self.runs else None
+        if ok and worker is not None and first is not None:
+            labels = (name, f"{worker:x}")
+            m.worker_last_ttft.labels(*labels).set(first - self.started_at)
+            m.worker_last_isl.labels(*labels).set(len(self.runs[0].prepared.prompt.token_ids))
+            tokens = self.runs[0].post.completion_tokens
+            if last is not None and tokens > 1:
+                m.worker_last_itl.labels(*labels).set((last - first) / (tokens - 1))

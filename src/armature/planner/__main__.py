@@ -1,0 +1,3 @@
+from armature.planner.main import main
+
+raise SystemExit(main())
