@@ -67,8 +67,10 @@ class InProcessFrontend:
     def kv(self) -> KvRouter:
         model = self.frontend.models.get(MODEL)
         assert model is not None, "the frontend does not serve the model yet"
-        assert isinstance(model.router, KvPushRouter)
-        return model.router.kv
+        # The KV router sits behind the frontend's busy detection (SheddingRouter.inner).
+        router = model.shedding.inner if model.shedding is not None else model.router
+        assert isinstance(router, KvPushRouter)
+        return router.kv
 
 
 @contextlib.asynccontextmanager

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from armature.runtime.context import Context
+from armature.runtime.discovery.base import DiscoveryError
 from armature.runtime.discovery.factory import create_store
 from armature.runtime.request_plane.base import RequestPlaneError
 from armature.runtime.runtime import DistributedRuntime
@@ -43,13 +44,24 @@ async def test_worker_is_found_and_served_after_etcd_restart(etcd_server: Any) -
             await asyncio.sleep(0.2)
         else:
             pytest.fail(f"worker not found and served within 15 s of the restart: {client.instance_ids()}")
-        # The record on etcd is the worker's again (re-put on its new lease).
-        store = create_store("etcd", endpoints=[etcd_server.url])
-        await store.start()
-        try:
-            assert await store.get(worker.endpoint("test.etcd.count").instance_key) is not None
-        finally:
-            await store.close()
+        # The record on etcd is the worker's again (re-put on its new lease). Read from a store of
+        # our own, retried: the loop above may pass on the caller's cached view while etcd is
+        # still settling after its restart.
+        key = worker.endpoint("test.etcd.count").instance_key
+        last: Exception | None = None
+        while time.monotonic() < deadline + 10:
+            store = create_store("etcd", endpoints=[etcd_server.url])
+            try:
+                await store.start()
+                if await store.get(key) is not None:
+                    break
+            except DiscoveryError as exc:
+                last = exc
+            finally:
+                await store.close()
+            await asyncio.sleep(0.5)
+        else:
+            pytest.fail(f"the worker's record is not back on etcd after the restart (last error: {last})")
     finally:
         await caller.shutdown(grace_period_s=0)
         await worker.shutdown(grace_period_s=0)
