@@ -36,14 +36,26 @@ class Planner:
         self._target: int | None = None
         self._acted_at = 0.0
         self._deaths_at_action = 0
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
 
     def _settled(self) -> bool:
         if not self.connector.ready():
             return False
+        if time.monotonic() < self._retry_at:
+            return False
         if self._target is None or len(self.observer.live) == self._target:
+            self._backoff_s = 0.0
             return True
+        if self._retry_at:
+            return True  # the back-off after a dead worker is over
         if isinstance(self.connector, LocalConnector) and self.connector.deaths > self._deaths_at_action:
-            return True  # a worker it started died: decide again rather than wait for it
+            # A worker it started died: decide again rather than wait for it, but back off (up to
+            # a minute) so a command that keeps failing is not restarted every interval.
+            self._backoff_s = min(60.0, max(self.cfg.interval_s, 2 * self._backoff_s))
+            self._retry_at = time.monotonic() + self._backoff_s
+            self._deaths_at_action = self.connector.deaths
+            return False
         return time.monotonic() - self._acted_at > self.cfg.settle_timeout_s
 
     async def _sample_interval(self) -> list[WorkerSample]:
@@ -80,11 +92,11 @@ class Planner:
         if isinstance(self.connector, VirtualConnector):
             await self.connector.refresh()
         if not self._settled():
-            log.info(
-                "waiting for the last step to show (%d live, target %s)",
-                len(self.observer.live),
-                self._target,
-            )
+            if time.monotonic() < self._retry_at:
+                log.info("a worker died; backing off %.1f s before starting another", self._backoff_s)
+            else:
+                live = len(self.observer.live)
+                log.info("waiting for the last step to show (%d live, target %s)", live, self._target)
             return
         replicas = len(self.observer.live)
         target, verdicts = self.decide(samples, replicas)
@@ -99,6 +111,7 @@ class Planner:
         await self.connector.scale(self.cfg.component, target, replicas)
         self._target = target
         self._acted_at = time.monotonic()
+        self._retry_at = 0.0
         if isinstance(self.connector, LocalConnector):
             self._deaths_at_action = self.connector.deaths
 

@@ -58,6 +58,7 @@ class ComponentObserver:
         self._loads: dict[int, ActiveLoad] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Any = None
+        self._scrape_failing = False
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -109,10 +110,16 @@ class ComponentObserver:
                 return str(r.read().decode())
 
         try:
-            return scrape_worker_latency(await asyncio.to_thread(fetch), self._prefix, self._model)
+            page = await asyncio.to_thread(fetch)
         except OSError as exc:
-            log.warning("cannot read the frontend's metrics at %s: %s", url, exc)
+            if not self._scrape_failing:  # once per outage, not once per sample
+                log.warning("cannot read the frontend's metrics at %s: %s", url, exc)
+            self._scrape_failing = True
             return {}
+        if self._scrape_failing:
+            log.info("reading the frontend's metrics at %s again", url)
+        self._scrape_failing = False
+        return scrape_worker_latency(page, self._prefix, self._model)
 
     async def sample(self) -> list[WorkerSample]:
         latency = await self._latency()
