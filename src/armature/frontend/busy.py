@@ -5,7 +5,8 @@ Workers publish their ``ActiveLoad`` on the event plane (``load_metrics``: every
 changes, every 5 s otherwise). A worker's data-parallel rank is busy when its active decode
 blocks pass a fraction of its KV blocks, or its prefill tokens in flight pass an absolute count or
 a fraction of its ``max_num_batched_tokens``; a worker is busy when all of its ranks are. New
-requests skip busy workers. The flags and the ``/busy_threshold`` endpoint are Dynamo's.
+requests skip busy workers (``model_router.py``). The flags and the ``/busy_threshold`` endpoint
+are Dynamo's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,6 @@ import msgspec
 from prometheus_client import CollectorRegistry, Gauge
 
 from armature.protocols.load import LOAD_TOPIC, ActiveLoad
-from armature.router.push import StreamRouter
-from armature.runtime.context import Context
 from armature.runtime.event_plane.base import EventScope
 
 log = logging.getLogger(__name__)
@@ -147,43 +146,3 @@ class LoadBoards:
                 await sub.close()
         self._tasks.clear()
         self._subs.clear()
-
-
-class SheddingRouter:
-    """A model's router behind busy detection: new requests skip busy workers, and when every
-    worker is busy they fail at once with ``ServiceOverloaded``. A pinned target is never shed."""
-
-    def __init__(
-        self,
-        inner: Any,
-        thresholds: Callable[[], BusyThresholds],
-        max_batched_tokens: Callable[[int], int | None],
-    ) -> None:
-        self.inner: StreamRouter = inner
-        # Set once thresholds are first enabled for the model: no subscription before that.
-        self.board: LoadBoard | None = None
-        self._thresholds = thresholds
-        self._max_batched = max_batched_tokens
-
-    def __getattr__(self, name: str) -> Any:
-        # close(), client, ... are the wrapped router's.
-        return getattr(self.inner, name)
-
-    def instance_ids(self) -> list[int]:
-        return self.inner.instance_ids()
-
-    async def generate(
-        self, request: Any, context: Context, target: int | None = None, exclude: Collection[int] = ()
-    ) -> tuple[int, AsyncIterator[Any]]:
-        thresholds = self._thresholds()
-        board = self.board
-        if target is None and board is not None and thresholds.enabled:
-            busy = board.busy_workers(thresholds, self._max_batched)
-            if busy:
-                open_ids = [i for i in self.inner.instance_ids() if i not in exclude]
-                if open_ids and all(i in busy for i in open_ids):
-                    raise ServiceOverloaded(
-                        "Service temporarily unavailable: All workers are busy, please retry later"
-                    )
-                exclude = {*exclude, *busy}
-        return await self.inner.generate(request, context, target=target, exclude=exclude)

@@ -36,7 +36,7 @@ def _body(model: ServedModel) -> dict[str, Any]:
 
 
 def threshold_list(models: list[ServedModel]) -> dict[str, Any]:
-    shed = sorted((m for m in models if m.shedding is not None), key=lambda m: m.name)
+    shed = sorted((m for m in models if m.gate is not None and m.gate.can_shed), key=lambda m: m.name)
     return {"thresholds": [_body(m) for m in shed]}
 
 
@@ -47,7 +47,7 @@ async def set_thresholds(manager: ModelManager, body: bytes) -> dict[str, Any]:
     except msgspec.DecodeError as exc:
         raise from_decode_error(exc) from None
     model = manager.get(req.model)
-    if model is None or model.shedding is None:
+    if model is None or model.gate is None or not model.gate.can_shed:
         raise ApiError(404, f"model '{req.model}' is not served here", param="model", code="model_not_found")
     thresholds = replace(model.thresholds)
     for wire, name in _FIELDS.items():

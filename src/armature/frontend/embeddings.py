@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from armature.frontend.errors import ApiError
+from armature.frontend.model_router import ModelRouter
 from armature.frontend.models import ServedModel
 from armature.frontend.openai import PROMPT_SCHEMA, PromptItem
 from armature.protocols.embedding import EmbeddingRequest, EmbeddingResponse
@@ -64,9 +65,10 @@ def _floats(raw: bytes) -> list[float]:
 
 
 async def _ask(model: ServedModel, request: EmbeddingRequest, context: Context) -> EmbeddingResponse:
+    # ModelManager gives embedding models a plain router (no KV index, no prefill phase) behind
+    # the model's own-workers layer.
     router = model.router
-    # ModelManager gives embedding models a plain router: no KV index, no prefill phase.
-    assert isinstance(router, PushRouter), f"embedding model {model.name} behind a {type(router).__name__}"
+    assert isinstance(router, ModelRouter) and isinstance(router.inner, PushRouter), type(router).__name__
     failed: set[int] = set()
     retries = model.migration_limit
     while True:

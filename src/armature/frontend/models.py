@@ -16,7 +16,8 @@ from typing import Protocol
 
 import msgspec
 
-from armature.frontend.busy import BusyThresholds, LoadBoards, SheddingRouter
+from armature.frontend.busy import BusyThresholds, LoadBoards
+from armature.frontend.model_router import ModelRouter
 from armature.frontend.preprocess import Preprocessor
 from armature.frontend.tokenizer import ModelTokenizer, TokenizerLoadError
 from armature.protocols.embedding import EmbeddingResponse
@@ -99,7 +100,7 @@ class ClientFactory(Protocol):
     def __call__(self, path: str, response_type: type = LLMEngineOutput, /) -> Awaitable[EndpointClient]: ...
 
 
-Router = PushRouter | KvPushRouter | DisaggRouter | SheddingRouter
+Router = PushRouter | KvPushRouter | DisaggRouter | ModelRouter
 # Builds the router of a newly served model (KV mode needs the card's block size and endpoint).
 RouterFactory = Callable[[ModelCard, EndpointClient], Awaitable[Router]]
 
@@ -113,7 +114,16 @@ class ServedModel:
     migration_limit: int
     cards: dict[str, ModelCard] = field(default_factory=dict)  # key -> card, one per instance
     thresholds: BusyThresholds = field(default_factory=BusyThresholds)
-    shedding: SheddingRouter | None = None  # the busy-detection layer of ``router``, if any
+    gate: ModelRouter | None = None  # ``router``'s own-workers-and-not-busy layer
+    members: set[int] = field(default_factory=set)  # instance ids of the cards held
+
+    def add_card(self, key: str, card: ModelCard) -> None:
+        self.cards[key] = card
+        self.members.add(int(key.rsplit("/", 1)[1], 16))
+
+    def remove_card(self, key: str) -> None:
+        if self.cards.pop(key, None) is not None:
+            self.members.discard(int(key.rsplit("/", 1)[1], 16))
 
     def max_batched_tokens(self, worker_id: int) -> int | None:
         """The worker's ``max_num_batched_tokens`` from its card (the first card's if unknown)."""
@@ -202,7 +212,7 @@ class ModelManager:
                     key,
                     card.name,
                 )
-            model.cards[key] = card
+            model.add_card(key, card)
             self._name_by_key[key] = card.name
             return
         try:
@@ -229,12 +239,17 @@ class ModelManager:
             router=router,
             migration_limit=limit,
         )
-        served.cards[key] = card
-        if ModelType.EMBEDDING not in card.model_types:
-            if self._load_boards is not None:
-                served.shedding = SheddingRouter(router, lambda: served.thresholds, served.max_batched_tokens)
-                served.router = served.shedding
-                await self.set_thresholds(served, replace(self._busy_defaults))
+        served.add_card(key, card)
+        embedding = ModelType.EMBEDDING in card.model_types
+        shed = not embedding and self._load_boards is not None
+        served.gate = ModelRouter(
+            router, card.name, lambda: served.members, (lambda: served.thresholds) if shed else None,
+            served.max_batched_tokens,
+        )  # fmt: skip
+        served.router = served.gate
+        if shed:
+            await self.set_thresholds(served, replace(self._busy_defaults))
+        if not embedding:
             served.router = self.prefill.wrap(card.name, served.router)
         self._models[card.name] = served
         self._name_by_key[key] = card.name
@@ -243,12 +258,12 @@ class ModelManager:
     async def set_thresholds(self, model: ServedModel, thresholds: BusyThresholds) -> None:
         """Busy thresholds for ``model``; the first that enable detection subscribe to its load."""
         model.thresholds = thresholds
-        shedding = model.shedding
-        if shedding is None or shedding.board is not None or not thresholds.enabled:
+        gate = model.gate
+        if gate is None or not gate.can_shed or gate.board is not None or not thresholds.enabled:
             return
         assert self._load_boards is not None
         namespace, component, _ = parse_endpoint_path(model.card.endpoint)
-        shedding.board = await self._load_boards.board(namespace, component)
+        gate.board = await self._load_boards.board(namespace, component)
 
     async def _client(self, endpoint: str, response_type: type) -> EndpointClient:
         key = (endpoint, response_type)
@@ -266,7 +281,7 @@ class ModelManager:
         model = self._models.get(name)
         if model is None:
             return
-        model.cards.pop(key, None)
+        model.remove_card(key)
         if not model.cards:
             del self._models[name]
             log.info("model %r has no workers left; removed", name)

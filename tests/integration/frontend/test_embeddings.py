@@ -15,8 +15,20 @@ import pytest
 import tokenizers
 import torch
 import transformers
+from integration.frontend.stack import (
+    CONTEXT,
+    MODEL,
+    ServedStack,
+    served_stack,
+    start_http,
+    start_worker_in_process,
+)
 
-from integration.frontend.stack import CONTEXT, MODEL, ServedStack, served_stack
+from armature.frontend.main import runtime_client_factory
+from armature.frontend.models import DiscoveryModelSource
+from armature.frontend.server import Frontend
+from armature.runtime.discovery.mem import MemoryState, MemoryStore
+from armature.runtime.runtime import DistributedRuntime
 
 
 @pytest.fixture
@@ -124,3 +136,41 @@ async def test_a_generative_model_refuses_embeddings(stack: ServedStack) -> None
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "model_not_supported" and "/v1/embeddings" in err["message"]
+
+
+async def test_an_embedding_and_a_chat_model_share_one_endpoint(tiny_llama_path: Path) -> None:
+    # Both workers serve the default dyn://dynamo.backend.generate: each model's requests must
+    # reach only its own workers (an embedding worker cannot generate, nor the reverse).
+    state = MemoryState()
+    chat_rt, chat_engine, chat_worker = await start_worker_in_process(state, tiny_llama_path)
+    emb_rt, emb_engine, emb_worker = await start_worker_in_process(
+        state, tiny_llama_path, "--embedding-worker", "--served-model-name", "tiny-embed"
+    )
+    frt = DistributedRuntime(MemoryStore(state))
+    await frt.start()
+    frontend = Frontend(DiscoveryModelSource(frt.discovery), runtime_client_factory(frt))
+    await frontend.start()
+    server, task, url = await start_http(frontend)
+    try:
+        await frontend.wait_for_model(MODEL, timeout_s=30)
+        await frontend.wait_for_model("tiny-embed", timeout_s=30)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chats = [
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=3
+            )
+            for i in range(8)
+        ]
+        embeds = [client.embeddings.create(model="tiny-embed", input=f"text {i}") for i in range(8)]
+        results = await asyncio.gather(*chats, *embeds)
+        assert all(r.choices[0].finish_reason in ("stop", "length") for r in results[:8])
+        assert all(len(r.data[0].embedding) == 64 for r in results[8:])
+    finally:
+        server.request_stop()
+        await asyncio.wait_for(task, 10)
+        await frontend.stop()
+        for worker, rt, engine in ((chat_worker, chat_rt, chat_engine), (emb_worker, emb_rt, emb_engine)):
+            await worker.stop()
+            await rt.shutdown(grace_period_s=0.0)
+            await engine.shutdown()
+        await frt.shutdown(grace_period_s=0.0)

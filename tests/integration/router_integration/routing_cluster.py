@@ -67,8 +67,8 @@ class InProcessFrontend:
     def kv(self) -> KvRouter:
         model = self.frontend.models.get(MODEL)
         assert model is not None, "the frontend does not serve the model yet"
-        # The KV router sits behind the frontend's busy detection (SheddingRouter.inner).
-        router = model.shedding.inner if model.shedding is not None else model.router
+        # The KV router sits behind the model's own layer (ModelRouter.inner).
+        router = model.gate.inner if model.gate is not None else model.router
         assert isinstance(router, KvPushRouter)
         return router.kv
 
