@@ -32,13 +32,11 @@ trap cleanup EXIT INT TERM
 env -u DYN_SYSTEM_PORT "$PYTHON" -m armature.frontend --http-host 127.0.0.1 --http-port "$HTTP_PORT" &
 pids+=($!)
 
-# Its own component, so a generative worker may share the namespace (docs/embeddings.md).
 DYN_SYSTEM_PORT="${WORKER_SYSTEM_PORT:-8081}" \
 "$PYTHON" -m armature.sglang \
     --model-path "$MODEL" \
     --served-model-name "$SERVED_MODEL_NAME" \
     --embedding-worker \
-    --endpoint dyn://dynamo.embedding.generate \
     "$@" &
 pids+=($!)
 
