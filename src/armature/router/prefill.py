@@ -118,7 +118,8 @@ class PrefillPool:
                 f"model {self.model!r} is served disaggregated and no prefill worker is available "
                 "(start one, or run the frontend with --decode-fallback to decode without one)"
             )
-        avoid = [i for i in self._bootstrap if i not in candidates]
+        # Everyone else on the prefill endpoint: suspects, and other models' prefill workers.
+        avoid = [i for i in self.router.instance_ids() if i not in candidates]
         hinted = request.routing.prefill_worker_id if request.routing is not None else None
         target = hinted if hinted in candidates else None
         if isinstance(self.router, KvPushRouter):
