@@ -26,6 +26,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_ids else None
+        if context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            # A prompt ending mid-character (token-id prompts can): DecodeStream would emit that
+            # unfinished tail, prompt text included, as the first token's output.
+            context = None
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:

@@ -53,3 +53,12 @@ def test_token_bytes_reassemble_partial_characters(byte_tok: Tokenizer) -> None:
     raw = b"".join(bytes(cache.bytes(i)) for i in ids)
     assert raw == "é😀".encode()
     assert cache.text(tok.encode("hello").ids[0]) == "hello"
+
+
+def test_a_prompt_ending_mid_character_does_not_leak_into_output(byte_tok: Tokenizer) -> None:
+    # "é" is two bytes, two tokens here: a token-id prompt may stop after the first one.
+    prompt = byte_tok.encode("hello wé").ids[:-1]
+    assert byte_tok.decode(prompt).endswith("\ufffd")
+    out = byte_tok.encode(" world").ids
+    detok = IncrementalDetokenizer(byte_tok, prompt)
+    assert "".join(detok.step(t) for t in out) == " world"
