@@ -28,6 +28,7 @@ import ast
 import json
 import re
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,21 +41,21 @@ class ParsedToolCall:
     arguments: str  # a JSON object as text (json.dumps of the arguments dict, ensure_ascii=False)
 
 
-class ToolCallParser:
+class ToolCallParser(ABC):
     """One per generated sequence."""
 
     __slots__ = ()
     # True when its markers are special tokens the detokenizer would skip.
     needs_special_tokens: bool = False
 
+    @abstractmethod
     def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         """Content that may be shown now, and tool calls completed by this text."""
-        raise NotImplementedError
 
+    @abstractmethod
     def flush(self) -> tuple[str, list[ParsedToolCall]]:
         """End of the sequence: calls completed now; markup that never became a valid call is
         returned as content, so no text is ever lost."""
-        raise NotImplementedError
 
 
 def _reject_constant(token: str) -> object:
