@@ -16,6 +16,9 @@ tensors to our engine (no copy on disk), and measures:
      `generate_batch` (continuous batching) on the same requests;                       (8B)
   4. prefill of one 4,096-token prompt as a share of the measured matmul rate;           (8B)
   5. 32 requests sharing a 2,048-token prefix: TTFT p50 with the radix cache vs without. (8B)
+  6. embeddings: the last token's final hidden state, normalised, vs transformers' on the same
+     weights (cosine), and inputs/s of 256 concurrent inputs (64-512 tokens) in shared forwards
+     vs one at a time vs transformers in left-padded batches of 32.                 (both shapes)
 
 Prints a table and writes JSON (default benchmarks/results/gpu_engine.json, or --out).
 
@@ -83,7 +86,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         eos_token_id=151645,
     ),
 }
-SECTIONS = ("correctness", "conditioned", "fp32", "decode", "throughput", "prefill", "radix", "profile")
+SECTIONS = ("correctness", "conditioned", "fp32", "decode", "throughput", "prefill", "radix", "profile", "embeddings")
 DEVICE = "cuda"  # a CPU smoke run of the script's logic sets "cpu"
 
 
@@ -742,8 +745,65 @@ def fp32_check(shape: str) -> dict[str, Any]:
     return res
 
 
+def embeddings(eng: Any, model: Any, cfg: Any) -> dict[str, Any]:
+    import asyncio
+
+    import torch.nn.functional as F
+
+    from armature.engine.api import EncodeRequest
+
+    rng = random.Random(11)
+    prompts = [[rng.randrange(10, cfg.vocab_size) for _ in range(rng.randint(64, 512))] for _ in range(256)]
+
+    async def together(tag: str) -> list[list[float]]:
+        outs = await asyncio.gather(*(eng.encode(EncodeRequest(f"{tag}-{i}", p)) for i, p in enumerate(prompts)))
+        return [o.embedding for o in outs]
+
+    async def one_by_one(tag: str) -> None:
+        for i, p in enumerate(prompts):
+            await eng.encode(EncodeRequest(f"{tag}-{i}", p))
+
+    asyncio.run(together("warm"))
+    _sync()
+    t0 = time.perf_counter()
+    ours = asyncio.run(together("timed"))
+    shared_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    asyncio.run(one_by_one("serial"))
+    serial_s = time.perf_counter() - t0
+
+    def hf_batch(batch: list[list[int]]) -> torch.Tensor:
+        width = max(len(p) for p in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.int64, device=DEVICE)
+        mask = torch.zeros(len(batch), width, dtype=torch.int64, device=DEVICE)
+        for i, p in enumerate(batch):
+            ids[i, width - len(p) :] = torch.tensor(p, device=DEVICE)
+            mask[i, width - len(p) :] = 1
+        with torch.inference_mode():
+            h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
+        return F.normalize(h.float(), dim=-1)
+
+    hf_batch(prompts[:32])
+    _sync()
+    t0 = time.perf_counter()
+    ref = torch.cat([hf_batch(prompts[i : i + 32]) for i in range(0, len(prompts), 32)])
+    _sync()
+    hf_s = time.perf_counter() - t0
+    got = torch.tensor(ours, device=DEVICE)
+    cos = (got * ref).sum(-1)
+    n = len(prompts)
+    return {
+        "inputs": n,
+        "cosine_vs_transformers_min": round(float(cos.min()), 5),
+        "cosine_vs_transformers_mean": round(float(cos.mean()), 5),
+        "inputs_per_s_shared": round(n / shared_s, 1),
+        "inputs_per_s_one_by_one": round(n / serial_s, 1),
+        "inputs_per_s_transformers_batch32": round(n / hf_s, 1),
+    }
+
+
 def run_shape(shape: str, sections: set[str], ceilings: dict[str, Any], hf_tp: bool) -> dict[str, Any]:
-    if not sections & {"correctness", "decode", "prefill", "throughput", "radix", "profile"}:
+    if not sections & {"correctness", "decode", "prefill", "throughput", "radix", "profile", "embeddings"}:
         return {}
     log(f"{shape}: building random bf16 weights on the GPU")
     model, cfg = build_hf_model(shape, seed=0)
@@ -760,6 +820,9 @@ def run_shape(shape: str, sections: set[str], ceilings: dict[str, Any], hf_tp: b
                 res["transformers_eager_vs_sdpa"] = noise_floor(model, cfg)
                 log(f"{shape}: bf16 ours vs transformers {res['correctness']}; "
                     f"transformers eager vs sdpa {res['transformers_eager_vs_sdpa']}")
+            if "embeddings" in sections:
+                res["embeddings"] = embeddings(eng, model, cfg)
+                log(f"{shape}: embeddings {res['embeddings']}")
             if shape == "llama3-8b":
                 if "decode" in sections:
                     res["decode_b1"] = decode_batch1(eng, cfg, ceilings, wbytes)
@@ -839,6 +902,10 @@ def print_table(report: dict[str, Any]) -> None:
         if "prefill" in r:
             p = r["prefill"]
             rows.append(("8B prefill 4096 tok", f"{p['ttft_s']}s, {p['model_tflops']} TFLOP/s = {p['share_of_matmul_rate']:.0%}", ">= 50%"))
+        if "embeddings" in r:
+            e = r["embeddings"]
+            rows.append((f"{shape} embeddings cosine vs transformers", f"min {e['cosine_vs_transformers_min']}, mean {e['cosine_vs_transformers_mean']}", "report"))
+            rows.append((f"{shape} embeddings inputs/s (256 x 64-512 tok)", f"shared forwards {e['inputs_per_s_shared']}; one by one {e['inputs_per_s_one_by_one']}; transformers batches of 32 {e['inputs_per_s_transformers_batch32']}", "report"))
         if "radix_ttft_gain" in r:
             rows.append(("8B radix hit TTFT p50 gain", f"{r['radix_ttft_gain']}x ({r['radix_on']['ttft_p50_s']}s vs {r['radix_off']['ttft_p50_s']}s)", ">= 5x"))
     w = max(len(a) for a, _, _ in rows)
