@@ -9,8 +9,6 @@ is simply asked again elsewhere, up to the model's migration limit.
 from __future__ import annotations
 
 import base64
-import sys
-from array import array
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -20,7 +18,7 @@ from armature.frontend.errors import ApiError
 from armature.frontend.model_router import ModelRouter
 from armature.frontend.models import ServedModel
 from armature.frontend.openai import PROMPT_SCHEMA, PromptItem
-from armature.protocols.embedding import EmbeddingRequest, EmbeddingResponse
+from armature.protocols.embedding import EmbeddingRequest, EmbeddingResponse, unpack_vector
 from armature.router.push import PushRouter
 from armature.runtime.context import Context
 from armature.runtime.request_plane.base import RequestPlaneError
@@ -55,13 +53,6 @@ class EmbeddingList(msgspec.Struct):
 embedding_request_decoder = msgspec.json.Decoder(EmbeddingCreateRequest)
 _encoder = msgspec.json.Encoder()
 
-
-def _floats(raw: bytes) -> list[float]:
-    vec = array("f")
-    vec.frombytes(raw)
-    if sys.byteorder == "big":
-        vec.byteswap()
-    return vec.tolist()
 
 
 async def _ask(model: ServedModel, request: EmbeddingRequest, context: Context) -> EmbeddingResponse:
@@ -105,7 +96,7 @@ async def create_embeddings(
         )
     as_base64 = req.encoding_format == "base64"
     data = [
-        EmbeddingObject("embedding", i, base64.b64encode(raw).decode() if as_base64 else _floats(raw))
+        EmbeddingObject("embedding", i, base64.b64encode(raw).decode() if as_base64 else unpack_vector(raw))
         for i, raw in enumerate(answer.embeddings)
     ]
     usage = EmbeddingUsage(answer.prompt_tokens, answer.prompt_tokens)

@@ -24,7 +24,7 @@ from armature.protocols.embedding import EmbeddingResponse
 from armature.protocols.llm import LLMEngineOutput
 from armature.protocols.model_card import ModelCard, ModelType
 from armature.router.kv_push import KvPushRouter
-from armature.router.prefill import DisaggRouter, PrefillRegistry, is_prefill_card
+from armature.router.prefill import DisaggRouter, PrefillRegistry, instance_of_key, is_prefill_card
 from armature.router.push import EndpointClient, PushRouter, RouterMode
 from armature.runtime.discovery.base import KeyValueStore, WatchEventKind
 from armature.runtime.runtime import parse_endpoint_path
@@ -119,16 +119,15 @@ class ServedModel:
 
     def add_card(self, key: str, card: ModelCard) -> None:
         self.cards[key] = card
-        self.members.add(int(key.rsplit("/", 1)[1], 16))
+        self.members.add(instance_of_key(key))
 
     def remove_card(self, key: str) -> None:
         if self.cards.pop(key, None) is not None:
-            self.members.discard(int(key.rsplit("/", 1)[1], 16))
+            self.members.discard(instance_of_key(key))
 
     def max_batched_tokens(self, worker_id: int) -> int | None:
         """The worker's ``max_num_batched_tokens`` from its card (the first card's if unknown)."""
-        suffix = f"/{worker_id:x}"
-        card = next((c for k, c in self.cards.items() if k.endswith(suffix)), self.card)
+        card = next((c for k, c in self.cards.items() if instance_of_key(k) == worker_id), self.card)
         return card.runtime_config.max_num_batched_tokens
 
     def has_instances(self) -> bool:

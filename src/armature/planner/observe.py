@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from armature.planner.decide import WorkerSample
 from armature.protocols.load import LOAD_TOPIC, ActiveLoad
+from armature.router.prefill import instance_of_key
 from armature.runtime.discovery.base import WatchEventKind
 from armature.runtime.event_plane.base import EventScope
 from armature.runtime.runtime import DistributedRuntime
@@ -90,7 +91,7 @@ class ComponentObserver:
         prefix = f"v1/instances/{self.namespace}/{self.component}/generate/"
         async for ev in self.runtime.discovery.watch_prefix(prefix):
             try:
-                worker = int(ev.key.rsplit("/", 1)[1], 16)
+                worker = instance_of_key(ev.key)
             except ValueError:
                 continue
             if ev.kind is WatchEventKind.DELETE or ev.value is None:

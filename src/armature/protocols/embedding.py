@@ -7,6 +7,9 @@ floats, and exactly the bytes OpenAI's ``encoding_format: "base64"`` carries.
 
 from __future__ import annotations
 
+import sys
+from array import array
+
 import msgspec
 
 
@@ -19,3 +22,19 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
 class EmbeddingResponse(msgspec.Struct, kw_only=True):
     embeddings: list[bytes]  # float32 little-endian, one vector per input, in order
     prompt_tokens: int
+
+
+def pack_vector(values: list[float]) -> bytes:
+    """One embedding as it travels: little-endian float32."""
+    vec = array("f", values)
+    if sys.byteorder == "big":
+        vec.byteswap()
+    return vec.tobytes()
+
+
+def unpack_vector(raw: bytes) -> list[float]:
+    vec = array("f")
+    vec.frombytes(raw)
+    if sys.byteorder == "big":
+        vec.byteswap()
+    return vec.tolist()

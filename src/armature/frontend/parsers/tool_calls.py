@@ -194,8 +194,9 @@ class _WholeOutputParser(ToolCallParser):
                 return "", calls
         return held, []
 
+    @abstractmethod
     def _parse(self, text: str) -> list[ParsedToolCall] | None:
-        raise NotImplementedError
+        """The calls the whole held output is, or None when it is not calls."""
 
 
 class Llama3JsonToolCallParser(_WholeOutputParser):

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
-from array import array
 from collections.abc import AsyncIterator
 
 from armature.engine.api import EncodeOutput, EncodeRequest, InvalidRequestError
-from armature.protocols.embedding import EmbeddingRequest, EmbeddingResponse
+from armature.protocols.embedding import EmbeddingRequest, EmbeddingResponse, pack_vector
 from armature.runtime.context import Context, new_span_id
 from armature.runtime.request_plane.base import EngineShutdown, ErrorKind, RequestPlaneError
 from armature.sglang.handlers.base import BaseWorkerHandler
-
-
-def _float32_le(values: list[float]) -> bytes:
-    vec = array("f", values)
-    if sys.byteorder == "big":
-        vec.byteswap()
-    return vec.tobytes()
 
 
 class EmbeddingWorkerHandler(BaseWorkerHandler):
@@ -78,6 +69,6 @@ class EmbeddingWorkerHandler(BaseWorkerHandler):
                 migratable=False,
             )
         yield EmbeddingResponse(
-            embeddings=[_float32_le(o.embedding) for o in outputs],
+            embeddings=[pack_vector(o.embedding) for o in outputs],
             prompt_tokens=sum(o.prompt_tokens for o in outputs),
         )
